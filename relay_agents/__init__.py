@@ -1,0 +1,37 @@
+"""relay-agents: relay decoding (a small student calls a large teacher for hard steps) for agents."""
+
+from relay_agents.api import (
+    BudgetState,
+    RelayDelta,
+    RelayEvent,
+    RelayResult,
+    RelayStream,
+    RelayUsage,
+    Span,
+    arelay,
+    astream_relay,
+    relay,
+    stream_relay,
+)
+from relay_agents.config import Budget, ConfigError, Endpoint, RelayConfig, load_config
+from relay_agents.graph import build_relay_graph
+
+__all__ = [
+    "Budget",
+    "BudgetState",
+    "ConfigError",
+    "Endpoint",
+    "RelayConfig",
+    "RelayDelta",
+    "RelayEvent",
+    "RelayResult",
+    "RelayStream",
+    "RelayUsage",
+    "Span",
+    "arelay",
+    "astream_relay",
+    "build_relay_graph",
+    "load_config",
+    "relay",
+    "stream_relay",
+]

@@ -1,0 +1,455 @@
+"""One relayed answer as a pure state machine: what to ask next, and what a reply changes.
+
+The graph nodes do the I/O and call these functions; everything here is plain data in,
+plain data out (JSON-friendly dicts, so any LangGraph checkpointer can persist it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, TypedDict
+
+from relay_agents.clients import Generation, Request
+from relay_agents.config import Budget, RelayConfig
+from relay_agents.prompts import Message
+from relay_agents.protocol import (
+    CALL_CLOSE,
+    CleanTextFilter,
+    call_ratio,
+    grant_call,
+    parse_call,
+    teacher_view,
+)
+
+Source = Literal["student", "teacher"]
+Route = Literal["student", "teacher", "finish"]
+
+
+class SpanDict(TypedDict):
+    source: Source
+    text: str
+    tokens: int
+
+
+class EventDict(TypedDict, total=False):
+    kind: str
+    message: str
+    requested: int
+    granted: int
+    reason: str
+
+
+class CallDict(TypedDict):
+    requested: int
+    granted: int
+    view_before_command: int
+
+
+class Ledger(TypedDict):
+    """Teacher spend of one conversation; lives in the thread's state across turns."""
+
+    teacher_tokens: int
+    teacher_calls: int
+    teacher_cost_usd: float
+
+
+class AnswerState(TypedDict):
+    messages: list[Message]
+    student_view: str
+    spans: list[SpanDict]
+    held: str
+    started: bool
+    student_turns: int
+    student_tokens: int
+    teacher_tokens: int
+    teacher_calls: int
+    student_prompt_tokens: int
+    teacher_prompt_tokens: int
+    student_cost_usd: float
+    teacher_cost_usd: float
+    call: CallDict | None
+    calls_suppressed: bool
+    events: list[EventDict]
+    finish_reason: str | None
+    finished_by: Source | None
+
+
+Delta = tuple[Source, str]
+
+
+def new_ledger() -> Ledger:
+    return {"teacher_tokens": 0, "teacher_calls": 0, "teacher_cost_usd": 0.0}
+
+
+def start_answer(messages: list[Message], config: RelayConfig) -> AnswerState:
+    return {
+        "messages": messages,
+        "student_view": "",
+        "spans": [],
+        "held": "",
+        "started": False,
+        "student_turns": 0,
+        "student_tokens": 0,
+        "teacher_tokens": 0,
+        "teacher_calls": 0,
+        "student_prompt_tokens": 0,
+        "teacher_prompt_tokens": 0,
+        "student_cost_usd": 0.0,
+        "teacher_cost_usd": 0.0,
+        "call": None,
+        "calls_suppressed": config.policy == "teacher_free",
+        "events": [],
+        "finish_reason": None,
+        "finished_by": None,
+    }
+
+
+def answer_tokens_left(answer: AnswerState, config: RelayConfig) -> int:
+    return config.max_answer_tokens - answer["student_tokens"] - answer["teacher_tokens"]
+
+
+def route(answer: AnswerState) -> Route:
+    if answer["finish_reason"] is not None:
+        return "finish"
+    return "teacher" if answer["call"] is not None else "student"
+
+
+# --------------------------------------------------------------------------- student
+
+
+def student_request(answer: AnswerState, config: RelayConfig) -> Request:
+    return Request(
+        messages=answer["messages"],
+        answer=answer["student_view"],
+        max_tokens=answer_tokens_left(answer, config),
+        stop=[CALL_CLOSE],
+        suppress_calls=answer["calls_suppressed"],
+        enable_thinking=config.enable_thinking,
+    )
+
+
+def student_filter(answer: AnswerState) -> CleanTextFilter:
+    return CleanTextFilter(answer_started=answer["started"])
+
+
+def finish_student_turn(
+    answer: AnswerState,
+    ledger: Ledger,
+    config: RelayConfig,
+    generation: Generation,
+    streamed: str,
+    flt: CleanTextFilter,
+) -> tuple[AnswerState, list[Delta]]:
+    """Apply a student turn. ``streamed`` is the clean text already emitted by ``flt``."""
+    a: AnswerState = {**answer, "spans": list(answer["spans"]), "events": list(answer["events"])}
+    text = generation.text
+    if generation.stop_reason == CALL_CLOSE and not text.endswith(CALL_CLOSE):
+        text += CALL_CLOSE  # a server that drops the stop string from the output
+    a["student_turns"] += 1
+    a["student_tokens"] += generation.completion_tokens
+    a["student_prompt_tokens"] += generation.prompt_tokens
+    a["student_cost_usd"] += config.student.price(
+        generation.prompt_tokens, generation.completion_tokens
+    )
+    command = parse_call(text)
+    deltas: list[Delta] = []
+
+    def close_turn(answered: bool) -> None:
+        tail = flt.finish(answered_call=answered)
+        if tail:
+            deltas.append(("student", tail))
+        _add_span(a, "student", streamed + tail, generation.completion_tokens)
+        a["started"] = flt.answer_started
+
+    if command is None:
+        a["student_view"] += text
+        close_turn(False)
+        if generation.finish_reason == "length":
+            _continue_or_stop(a, config, "student")
+        else:
+            _finish(a, "stop", "student")
+        return a, deltas
+
+    if command.malformed:
+        a["events"].append(
+            {"kind": "malformed_call", "message": f"malformed call command {command.raw!r}"}
+        )
+        if config.on_malformed_call == "fail":
+            a["student_view"] += text
+            close_turn(False)
+            _finish(a, "malformed_call", "student")
+            return a, deltas
+        a["student_view"] += command.prefix
+        close_turn(False)
+        _continue_or_stop(a, config, "student")
+        return a, deltas
+
+    assert command.tokens is not None
+    if command.tokens == 0:
+        a["events"].append(
+            {"kind": "ignored_call", "message": "call for 0 tokens ignored", "requested": 0}
+        )
+        a["student_view"] += text
+        close_turn(False)
+        _continue_or_stop(a, config, "student")
+        return a, deltas
+
+    grant = grant_call(
+        command.tokens,
+        max_call_tokens=config.max_call_tokens,
+        answer_tokens_left=answer_tokens_left(a, config),
+        **budget_left(config.budget, ledger, cost_tokens=_cost_tokens_left(a, ledger, config)),
+        calls_suppressed=a["calls_suppressed"],
+    )
+    if grant.declined:
+        a["events"].append(
+            {
+                "kind": "declined_call",
+                "message": f"call for {command.tokens} tokens declined: "
+                f"{_DECLINE_TEXT[grant.declined]}",
+                "requested": command.tokens,
+                "granted": 0,
+                "reason": grant.declined,
+            }
+        )
+        a["student_view"] += command.prefix
+        a["calls_suppressed"] = True
+        close_turn(False)
+        _continue_or_stop(a, config, "student")
+        return a, deltas
+
+    if grant.granted < command.tokens:
+        a["events"].append(
+            {
+                "kind": "truncated_call",
+                "message": f"call for {command.tokens} tokens cut to {grant.granted} "
+                f"({grant.limited_by})",
+                "requested": command.tokens,
+                "granted": grant.granted,
+                "reason": grant.limited_by or "",
+            }
+        )
+    a["call"] = {
+        "requested": command.tokens,
+        "granted": grant.granted,
+        "view_before_command": len(a["student_view"]) + len(command.prefix),
+    }
+    a["student_view"] += text
+    a["held"] = flt.pending
+    _add_span(a, "student", streamed, generation.completion_tokens)
+    a["started"] = flt.answer_started
+    return a, deltas
+
+
+_DECLINE_TEXT = {
+    "calls_suppressed": "calls are blocked for the rest of this answer",
+    "budget_tokens": "the conversation's teacher-token budget is spent",
+    "budget_calls": "the conversation's teacher-call budget is spent",
+    "budget_cost": "the conversation's teacher cost budget is spent",
+    "answer_tokens": "the answer has no tokens left",
+}
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def teacher_request(answer: AnswerState, config: RelayConfig) -> Request:
+    call = answer["call"]
+    assert call is not None
+    return Request(
+        messages=answer["messages"],
+        answer=teacher_view(answer["student_view"]),
+        max_tokens=call["granted"],
+        enable_thinking=config.enable_thinking,
+    )
+
+
+def held_student_text(answer: AnswerState) -> str:
+    """The student's held text once a teacher has answered (white space before the call dropped)."""
+    return CleanTextFilter(pending=answer["held"], answer_started=answer["started"]).finish(
+        answered_call=True
+    )
+
+
+def finish_teacher_call(
+    answer: AnswerState,
+    ledger: Ledger,
+    config: RelayConfig,
+    generation: Generation | None,
+    error: BaseException | None = None,
+) -> tuple[AnswerState, Ledger, list[Delta]]:
+    """Apply the teacher's reply (or its failure: ``generation`` None and ``error`` set)."""
+    a: AnswerState = {**answer, "spans": list(answer["spans"]), "events": list(answer["events"])}
+    call = a["call"]
+    assert call is not None
+    a["call"] = None
+    held = a["held"]
+    a["held"] = ""
+    deltas: list[Delta] = []
+
+    if generation is None:
+        # Nothing came back: the command leaves the student's context, calls stop.
+        a["student_view"] = a["student_view"][: call["view_before_command"]]
+        a["calls_suppressed"] = True
+        a["events"].append(
+            {
+                "kind": "teacher_failure",
+                "message": f"teacher unavailable, the student goes on alone: {_describe(error)}",
+                "requested": call["requested"],
+                "granted": call["granted"],
+            }
+        )
+        flt = CleanTextFilter(pending=held, answer_started=a["started"])
+        tail = flt.finish(answered_call=False)
+        if tail:
+            deltas.append(("student", tail))
+            _add_span(a, "student", tail, 0)
+        a["started"] = flt.answer_started
+        _continue_or_stop(a, config, "student")
+        return a, ledger, deltas
+
+    tail = held_student_text(answer)
+    if tail:
+        _add_span(a, "student", tail, 0)
+    tokens = generation.completion_tokens
+    cost = config.teacher.price(generation.prompt_tokens, tokens)
+    a["student_view"] += generation.text
+    a["teacher_tokens"] += tokens
+    a["teacher_calls"] += 1
+    a["teacher_prompt_tokens"] += generation.prompt_tokens
+    a["teacher_cost_usd"] += cost
+    a["started"] = a["started"] or bool(generation.text.strip())
+    _add_span(a, "teacher", generation.text, tokens)
+    new = {
+        "teacher_tokens": ledger["teacher_tokens"] + tokens,
+        "teacher_calls": ledger["teacher_calls"] + 1,
+        "teacher_cost_usd": ledger["teacher_cost_usd"] + cost,
+    }
+    if generation.error is not None:
+        a["calls_suppressed"] = True
+        a["events"].append(
+            {
+                "kind": "teacher_failure",
+                "message": f"teacher stream broke after {tokens} tokens, "
+                f"the student goes on alone: {_describe(generation.error)}",
+                "requested": call["requested"],
+                "granted": call["granted"],
+            }
+        )
+        _continue_or_stop(a, config, "teacher")
+    elif generation.finish_reason == "stop":
+        _finish(a, "stop", "teacher")  # the teacher ended the answer (EOS)
+    else:
+        _continue_or_stop(a, config, "teacher")
+    return a, new, deltas
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _add_span(a: AnswerState, source: Source, text: str, tokens: int) -> None:
+    spans = a["spans"]
+    if spans and spans[-1]["source"] == source:
+        last = spans[-1]
+        spans[-1] = {
+            "source": source,
+            "text": last["text"] + text,
+            "tokens": last["tokens"] + tokens,
+        }
+    elif text or tokens:
+        spans.append({"source": source, "text": text, "tokens": tokens})
+
+
+def _finish(a: AnswerState, reason: str, by: Source) -> None:
+    a["finish_reason"] = reason
+    a["finished_by"] = by
+
+
+def _continue_or_stop(a: AnswerState, config: RelayConfig, last: Source) -> None:
+    if answer_tokens_left(a, config) <= 0:
+        _finish(a, "length", last)
+    elif a["student_turns"] >= config.max_student_turns:
+        _finish(a, "turn_limit", last)
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no reply"
+    return f"{type(error).__name__}: {error}"
+
+
+def budget_left(
+    budget: Budget, ledger: Ledger, *, cost_tokens: int | None
+) -> dict[str, int | None]:
+    return {
+        "budget_tokens_left": None
+        if budget.max_teacher_tokens is None
+        else budget.max_teacher_tokens - ledger["teacher_tokens"],
+        "budget_calls_left": None
+        if budget.max_teacher_calls is None
+        else budget.max_teacher_calls - ledger["teacher_calls"],
+        "budget_cost_tokens_left": cost_tokens,
+    }
+
+
+def _cost_tokens_left(a: AnswerState, ledger: Ledger, config: RelayConfig) -> int | None:
+    """Teacher output tokens the cost budget still pays for, after this call's prompt.
+
+    The prompt is estimated from the student's view of the same prompt (same family:
+    the teacher's prompt is never longer), so the budget is not overspent.
+    """
+    limit = config.budget.max_cost_usd
+    if limit is None:
+        return None
+    teacher = config.teacher
+    est_prompt = (
+        a["student_prompt_tokens"] // max(a["student_turns"], 1)
+        + a["student_tokens"]
+        + a["teacher_tokens"]
+    )
+    left = limit - ledger["teacher_cost_usd"] - est_prompt * teacher.input_price_per_million / 1e6
+    if left < 0:
+        return 0
+    if teacher.output_price_per_million == 0:
+        return None
+    return math.floor(left * 1e6 / teacher.output_price_per_million + 1e-9)
+
+
+def relay_metadata(answer: AnswerState, ledger: Ledger, config: RelayConfig) -> dict[str, Any]:
+    """The ``response_metadata["relay"]`` record of one answer."""
+    b = config.budget
+    left = budget_left(b, ledger, cost_tokens=None)
+    return {
+        "spans": [dict(s) for s in answer["spans"]],
+        "usage": {
+            "student_tokens": answer["student_tokens"],
+            "teacher_tokens": answer["teacher_tokens"],
+            "teacher_calls": answer["teacher_calls"],
+            "call_ratio": call_ratio(answer["student_tokens"], answer["teacher_tokens"]),
+            "cost_usd": answer["student_cost_usd"] + answer["teacher_cost_usd"],
+            "student_prompt_tokens": answer["student_prompt_tokens"],
+            "teacher_prompt_tokens": answer["teacher_prompt_tokens"],
+            "student_cost_usd": answer["student_cost_usd"],
+            "teacher_cost_usd": answer["teacher_cost_usd"],
+        },
+        "finish_reason": answer["finish_reason"],
+        "finished_by": answer["finished_by"],
+        "events": [dict(e) for e in answer["events"]],
+        "budget": {
+            "max_teacher_tokens": b.max_teacher_tokens,
+            "max_teacher_calls": b.max_teacher_calls,
+            "max_cost_usd": b.max_cost_usd,
+            "spent_teacher_tokens": ledger["teacher_tokens"],
+            "spent_teacher_calls": ledger["teacher_calls"],
+            "spent_cost_usd": ledger["teacher_cost_usd"],
+            "remaining_teacher_tokens": left["budget_tokens_left"],
+            "remaining_teacher_calls": left["budget_calls_left"],
+            "remaining_cost_usd": None
+            if b.max_cost_usd is None
+            else b.max_cost_usd - ledger["teacher_cost_usd"],
+            "exhausted": any(v is not None and v <= 0 for v in left.values())
+            or (b.max_cost_usd is not None and ledger["teacher_cost_usd"] >= b.max_cost_usd),
+        },
+        "student_model": config.student.model,
+        "teacher_model": config.teacher.model,
+    }

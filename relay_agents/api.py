@@ -1,0 +1,203 @@
+"""The Python API: ``relay``, ``arelay``, ``astream_relay`` and ``stream_relay``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph.state import CompiledStateGraph
+from pydantic import BaseModel, Field
+
+from relay_agents.config import RelayConfig, identity
+from relay_agents.graph import build_relay_graph
+from relay_agents.prompts import Message
+
+
+class Span(BaseModel):
+    """A run of answer text written by one model."""
+
+    source: Literal["student", "teacher"]
+    text: str
+    tokens: int
+
+
+class RelayUsage(BaseModel):
+    student_tokens: int = 0
+    teacher_tokens: int = 0
+    teacher_calls: int = 0
+    call_ratio: float = 0.0
+    cost_usd: float = 0.0
+    student_prompt_tokens: int = 0
+    teacher_prompt_tokens: int = 0
+    student_cost_usd: float = 0.0
+    teacher_cost_usd: float = 0.0
+
+
+class RelayEvent(BaseModel):
+    """A declined, cut, ignored or malformed call, or a teacher failure, in words."""
+
+    kind: str
+    message: str
+    requested: int | None = None
+    granted: int | None = None
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BudgetState(BaseModel):
+    max_teacher_tokens: int | None = None
+    max_teacher_calls: int | None = None
+    max_cost_usd: float | None = None
+    spent_teacher_tokens: int = 0
+    spent_teacher_calls: int = 0
+    spent_cost_usd: float = 0.0
+    remaining_teacher_tokens: int | None = None
+    remaining_teacher_calls: int | None = None
+    remaining_cost_usd: float | None = None
+    exhausted: bool = False
+
+
+class RelayResult(BaseModel):
+    """One relayed answer."""
+
+    text: str
+    spans: list[Span]
+    usage: RelayUsage
+    finish_reason: str | None
+    finished_by: Literal["student", "teacher"] | None = None
+    events: list[RelayEvent] = Field(default_factory=list)
+    budget: BudgetState = Field(default_factory=BudgetState)
+    message: AIMessage
+
+    @classmethod
+    def from_message(cls, message: AIMessage) -> RelayResult:
+        meta = message.response_metadata["relay"]
+        return cls(
+            text=message.text,
+            spans=meta["spans"],
+            usage=meta["usage"],
+            finish_reason=meta["finish_reason"],
+            finished_by=meta["finished_by"],
+            events=meta["events"],
+            budget=meta["budget"],
+            message=message,
+        )
+
+
+class RelayDelta(BaseModel):
+    """A piece of streamed answer text and the model that wrote it."""
+
+    text: str
+    source: Literal["student", "teacher"]
+
+
+Question = str | Sequence[BaseMessage | Message]
+
+
+_GRAPHS: dict[str, CompiledStateGraph] = {}
+
+
+def _graph(config: RelayConfig, checkpointer: BaseCheckpointSaver | None) -> CompiledStateGraph:
+    if checkpointer is not None:
+        return build_relay_graph(config, checkpointer=checkpointer)
+    key = identity(config)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = _GRAPHS[key] = build_relay_graph(config)
+    return graph
+
+
+def _inputs(question: Question) -> dict[str, Any]:
+    if isinstance(question, str):
+        return {"messages": [{"role": "user", "content": question}]}
+    return {"messages": list(question)}
+
+
+def _run_config(thread_id: str | None, checkpointer: BaseCheckpointSaver | None) -> dict[str, Any]:
+    if checkpointer is None:
+        return {}
+    return {"configurable": {"thread_id": thread_id or str(uuid.uuid4())}}
+
+
+def relay(
+    question: Question,
+    config: RelayConfig,
+    *,
+    checkpointer: BaseCheckpointSaver | None = None,
+    thread_id: str | None = None,
+) -> RelayResult:
+    """Relay one answer (blocking). With ``checkpointer`` and ``thread_id`` the budget persists."""
+    state = _graph(config, checkpointer).invoke(
+        _inputs(question), _run_config(thread_id, checkpointer)
+    )
+    return RelayResult.from_message(state["messages"][-1])
+
+
+async def arelay(
+    question: Question,
+    config: RelayConfig,
+    *,
+    checkpointer: BaseCheckpointSaver | None = None,
+    thread_id: str | None = None,
+) -> RelayResult:
+    """Relay one answer."""
+    graph = _graph(config, checkpointer)
+    state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer))
+    return RelayResult.from_message(state["messages"][-1])
+
+
+class RelayStream:
+    """Async iterator of :class:`RelayDelta`; ``result`` is set once it is exhausted."""
+
+    def __init__(
+        self, graph: CompiledStateGraph, inputs: dict[str, Any], run_config: dict[str, Any]
+    ) -> None:
+        self._graph = graph
+        self._inputs = inputs
+        self._config = run_config
+        self.result: RelayResult | None = None
+
+    def _take(self, mode: str, payload: Any) -> RelayDelta | None:
+        if mode == "custom":
+            return RelayDelta(text=payload["text"], source=payload["source"])
+        last = payload["messages"][-1] if payload.get("messages") else None
+        if isinstance(last, AIMessage) and "relay" in last.response_metadata:
+            self.result = RelayResult.from_message(last)
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[RelayDelta]:
+        async for mode, payload in self._graph.astream(
+            self._inputs, self._config, stream_mode=_MODES
+        ):
+            if (delta := self._take(mode, payload)) is not None:
+                yield delta
+
+    def __iter__(self) -> Iterator[RelayDelta]:
+        for mode, payload in self._graph.stream(self._inputs, self._config, stream_mode=_MODES):
+            if (delta := self._take(mode, payload)) is not None:
+                yield delta
+
+
+_MODES: list[Any] = ["custom", "values"]
+
+
+def astream_relay(
+    question: Question,
+    config: RelayConfig,
+    *,
+    checkpointer: BaseCheckpointSaver | None = None,
+    thread_id: str | None = None,
+) -> RelayStream:
+    """Stream an answer as the models write it: ``async for delta in astream_relay(...)``."""
+    return RelayStream(
+        _graph(config, checkpointer), _inputs(question), _run_config(thread_id, checkpointer)
+    )
+
+
+stream_relay = astream_relay
+"""The same stream, iterated synchronously: ``for delta in stream_relay(...)``."""

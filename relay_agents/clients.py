@@ -1,0 +1,430 @@
+"""The I/O edge: one pooled OpenAI client per endpoint, streaming generations with retries.
+
+Every generation streams (so relay output can be streamed as produced) and is retried
+with tenacity only until its first chunk arrives: a stream is never retried after its
+first token, because tokens would be emitted twice. The SDK's own retries are off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from relay_agents.config import Endpoint, identity
+from relay_agents.prompts import ChatTemplate, Message, instruct_messages
+from relay_agents.protocol import CALL_OPEN
+
+OnText = Callable[[str], None]
+
+#: What a broken or garbled stream raises: SDK errors, transport errors, bad JSON.
+STREAM_ERRORS: tuple[type[Exception], ...] = (openai.APIError, httpx2.HTTPError, ValueError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """429, 5xx, timeouts and connection errors are worth another try; nothing else is."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return False
+
+
+@dataclass(slots=True)
+class Generation:
+    """What one streamed request produced."""
+
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: Exception | None = None  # the stream broke after its first chunk
+
+    @property
+    def hit_stop_string(self) -> bool:
+        return self.finish_reason == "stop" and isinstance(self.stop_reason, str)
+
+
+@dataclass(slots=True)
+class Request:
+    """A continuation request, independent of the API used to send it."""
+
+    messages: list[Message]
+    answer: str
+    max_tokens: int
+    stop: list[str] | None = None
+    suppress_calls: bool = False
+    enable_thinking: bool = False
+
+
+class _Collector:
+    """Accumulates one stream's chunks (completions or chat) into a :class:`Generation`."""
+
+    __slots__ = (
+        "chunks",
+        "finish_reason",
+        "limit",
+        "parts",
+        "prompt_tokens",
+        "stop_reason",
+        "usage_tokens",
+    )
+
+    def __init__(self, limit: int | None) -> None:
+        self.parts: list[str] = []
+        self.chunks = 0
+        self.limit = limit  # chat-instruct: trim to N content chunks
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.prompt_tokens = 0
+        self.usage_tokens: int | None = None
+
+    def add(self, chunk: Any) -> str:
+        if chunk.usage is not None:
+            self.prompt_tokens = chunk.usage.prompt_tokens or 0
+            self.usage_tokens = chunk.usage.completion_tokens
+        if not chunk.choices:
+            return ""
+        choice = chunk.choices[0]
+        delta = getattr(choice, "text", None)
+        if delta is None:
+            delta = choice.delta.content if choice.delta else None
+        if choice.finish_reason is not None:
+            self.finish_reason = choice.finish_reason
+            extra = choice.model_extra or {}
+            self.stop_reason = extra.get("stop_reason")
+        if delta:
+            self.parts.append(delta)
+            self.chunks += 1
+        return delta or ""
+
+    @property
+    def trimmed(self) -> bool:
+        return self.limit is not None and self.chunks >= self.limit
+
+    def result(self, error: Exception | None = None) -> Generation:
+        if self.trimmed and self.finish_reason is None:
+            self.finish_reason = "length"
+        tokens = self.usage_tokens if self.usage_tokens is not None else self.chunks
+        if self.limit is not None:
+            tokens = min(tokens, self.limit)
+        return Generation(
+            text="".join(self.parts),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=tokens,
+            error=error,
+        )
+
+
+class EndpointClient:
+    """Talks to one endpoint. Holds one pooled sync client and one async client per event loop."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._sync: openai.OpenAI | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._template: ChatTemplate | None = None
+        if endpoint.chat_template:
+            self._template = ChatTemplate(endpoint.chat_template)
+        elif endpoint.tokenizer_path:
+            self._template = ChatTemplate.from_tokenizer_dir(endpoint.tokenizer_path)
+        self._call_token_ids: list[int] | None = None
+        self._server_prompts: dict[str, str] = {}
+
+    # -- clients --------------------------------------------------------------------
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        ep = self.endpoint
+        return {
+            "base_url": ep.base_url,
+            "api_key": ep.api_key.get_secret_value(),
+            "timeout": httpx2.Timeout(ep.timeout, connect=ep.connect_timeout),
+            "max_retries": 0,
+        }
+
+    @property
+    def sync_client(self) -> openai.OpenAI:
+        if self._sync is None:
+            self._sync = openai.OpenAI(**self._client_kwargs())
+        return self._sync
+
+    @property
+    def async_client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = openai.AsyncOpenAI(**self._client_kwargs())
+        return client
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        self.close()
+        try:
+            client = self._async.pop(asyncio.get_running_loop(), None)
+        except RuntimeError:
+            client = None
+        if client is not None:
+            await client.close()
+
+    # -- retries --------------------------------------------------------------------
+
+    def _retry_args(self) -> dict[str, Any]:
+        ep = self.endpoint
+        return {
+            "retry": retry_if_exception(is_transient),
+            "stop": stop_after_attempt(ep.max_retries + 1) | stop_after_delay(ep.retry_deadline),
+            "wait": wait_exponential_jitter(initial=ep.retry_initial_delay, max=ep.retry_max_delay),
+            "reraise": True,
+        }
+
+    # -- prompts --------------------------------------------------------------------
+
+    def _root_url(self) -> str:
+        base = self.endpoint.base_url
+        return base[: -len("/v1")] if base.endswith("/v1") else base
+
+    def _render_locally(self, request: Request) -> str | None:
+        if self._template is None:
+            return None
+        return self._template.render(
+            request.messages, add_generation_prompt=True, enable_thinking=request.enable_thinking
+        )
+
+    def _tokenize_body(self, request: Request) -> dict[str, Any]:
+        return {
+            "model": self.endpoint.model,
+            "messages": request.messages,
+            "add_generation_prompt": True,
+            "chat_template_kwargs": {"enable_thinking": request.enable_thinking},
+        }
+
+    @staticmethod
+    def _prompt_key(request: Request) -> str:
+        return repr((request.messages, request.enable_thinking))
+
+    def prompt_prefix(self, request: Request) -> str:
+        """The rendered prompt (completions API), from the local template or the server."""
+        local = self._render_locally(request)
+        if local is not None:
+            return local
+        key = self._prompt_key(request)
+        if key not in self._server_prompts:
+            client = self.sync_client
+            ids = client.post(
+                f"{self._root_url()}/tokenize", body=self._tokenize_body(request), cast_to=object
+            )
+            text = client.post(
+                f"{self._root_url()}/detokenize",
+                body={"model": self.endpoint.model, "tokens": ids["tokens"]},
+                cast_to=object,
+            )
+            self._server_prompts[key] = text["prompt"]
+        return self._server_prompts[key]
+
+    async def aprompt_prefix(self, request: Request) -> str:
+        local = self._render_locally(request)
+        if local is not None:
+            return local
+        key = self._prompt_key(request)
+        if key not in self._server_prompts:
+            client = self.async_client
+            ids = await client.post(
+                f"{self._root_url()}/tokenize", body=self._tokenize_body(request), cast_to=object
+            )
+            text = await client.post(
+                f"{self._root_url()}/detokenize",
+                body={"model": self.endpoint.model, "tokens": ids["tokens"]},
+                cast_to=object,
+            )
+            self._server_prompts[key] = text["prompt"]
+        return self._server_prompts[key]
+
+    def _call_bias(self, ids: list[int]) -> dict[str, int]:
+        if len(ids) != 1:
+            raise ValueError(
+                f"{self.endpoint.model}: call_suppression='logit_bias' needs {CALL_OPEN!r} to be "
+                f"one token, the server's tokenizer gives {len(ids)}; use 'bad_words'"
+            )
+        return {str(ids[0]): -100}
+
+    def call_token_ids(self) -> list[int]:
+        if self._call_token_ids is None:
+            body = {"model": self.endpoint.model, "prompt": CALL_OPEN, "add_special_tokens": False}
+            out = self.sync_client.post(f"{self._root_url()}/tokenize", body=body, cast_to=object)
+            self._call_token_ids = list(out["tokens"])
+        return self._call_token_ids
+
+    async def acall_token_ids(self) -> list[int]:
+        if self._call_token_ids is None:
+            body = {"model": self.endpoint.model, "prompt": CALL_OPEN, "add_special_tokens": False}
+            out = await self.async_client.post(
+                f"{self._root_url()}/tokenize", body=body, cast_to=object
+            )
+            self._call_token_ids = list(out["tokens"])
+        return self._call_token_ids
+
+    # -- request building (pure) ----------------------------------------------------------
+
+    def _kwargs(
+        self, request: Request, prefix: str | None, call_ids: list[int] | None
+    ) -> tuple[str, dict[str, Any]]:
+        """(API, keyword arguments for the SDK) for one continuation request."""
+        ep = self.endpoint
+        kwargs: dict[str, Any] = {
+            "model": ep.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for name in ("temperature", "top_p", "seed"):
+            value = getattr(ep, name)
+            if value is not None:
+                kwargs[name] = value
+        kwargs[ep.max_tokens_param] = request.max_tokens
+        extra = dict(ep.extra_body)
+        if request.stop:
+            kwargs["stop"] = request.stop
+            if ep.api != "chat-instruct":
+                extra["include_stop_str_in_output"] = True
+        if request.suppress_calls:
+            if ep.call_suppression == "bad_words":
+                extra["bad_words"] = [*extra.get("bad_words", []), CALL_OPEN]
+            elif ep.call_suppression == "logit_bias" and call_ids is not None:
+                kwargs["logit_bias"] = self._call_bias(call_ids)
+        if ep.api == "completions":
+            kwargs["prompt"] = (prefix or "") + request.answer
+            api = "completions"
+        elif ep.api == "chat":
+            messages = list(request.messages)
+            if request.answer:
+                messages.append({"role": "assistant", "content": request.answer})
+            extra["continue_final_message"] = bool(request.answer)
+            extra["add_generation_prompt"] = not request.answer
+            extra["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
+            kwargs["messages"] = messages
+            api = "chat"
+        else:
+            kwargs["messages"] = (
+                instruct_messages(request.messages, request.answer, ep.instruct_template)
+                if request.answer
+                else list(request.messages)
+            )
+            api = "chat"
+        if extra:
+            kwargs["extra_body"] = extra
+        return api, kwargs
+
+    def _needs_call_ids(self, request: Request) -> bool:
+        return request.suppress_calls and self.endpoint.call_suppression == "logit_bias"
+
+    def _trim_limit(self, request: Request) -> int | None:
+        return request.max_tokens if self.endpoint.api == "chat-instruct" else None
+
+    # -- streaming ------------------------------------------------------------------
+
+    def generate(self, request: Request, on_text: OnText | None = None) -> Generation:
+        """Stream one continuation; ``on_text`` gets each text delta as it arrives."""
+        prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
+        call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
+        api, kwargs = self._kwargs(request, prefix, call_ids)
+        create = (
+            self.sync_client.completions.create
+            if api == "completions"
+            else self.sync_client.chat.completions.create
+        )
+        collector = _Collector(self._trim_limit(request))
+        stream: Any = None
+        first: Any = None
+        for attempt in Retrying(**self._retry_args()):
+            with attempt:
+                stream = create(**kwargs)
+                iterator = iter(stream)
+                try:
+                    first = next(iterator, None)
+                except BaseException:
+                    stream.close()
+                    raise
+        try:
+            chunk = first
+            while chunk is not None:
+                _emit(collector.add(chunk), on_text)
+                if collector.trimmed:
+                    break
+                chunk = next(iterator, None)
+        except STREAM_ERRORS as exc:
+            return collector.result(error=exc)
+        finally:
+            stream.close()
+        return collector.result()
+
+    async def agenerate(self, request: Request, on_text: OnText | None = None) -> Generation:
+        """Async :meth:`generate`."""
+        prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
+        call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
+        api, kwargs = self._kwargs(request, prefix, call_ids)
+        client = self.async_client
+        create = (
+            client.completions.create if api == "completions" else client.chat.completions.create
+        )
+        collector = _Collector(self._trim_limit(request))
+        stream: Any = None
+        first: Any = None
+        async for attempt in AsyncRetrying(**self._retry_args()):
+            with attempt:
+                stream = await create(**kwargs)
+                iterator = aiter(stream)
+                try:
+                    first = await anext(iterator, None)
+                except BaseException:
+                    await stream.close()
+                    raise
+        try:
+            chunk = first
+            while chunk is not None:
+                _emit(collector.add(chunk), on_text)
+                if collector.trimmed:
+                    break
+                chunk = await anext(iterator, None)
+        except STREAM_ERRORS as exc:
+            return collector.result(error=exc)
+        finally:
+            await stream.close()
+        return collector.result()
+
+
+_CLIENTS: dict[str, EndpointClient] = {}
+
+
+def client_for(endpoint: Endpoint) -> EndpointClient:
+    """The shared client of an endpoint: every graph on the same endpoint reuses its pool."""
+    key = identity(endpoint)
+    client = _CLIENTS.get(key)
+    if client is None:
+        client = _CLIENTS[key] = EndpointClient(endpoint)
+    return client
+
+
+def _emit(delta: str, on_text: OnText | None) -> None:
+    if delta and on_text is not None:
+        on_text(delta)

@@ -1,0 +1,116 @@
+"""Prompts: the protocol's user template and chat-template rendering. Pure apart from file reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from langchain_core.messages import BaseMessage, convert_to_openai_messages
+
+Message = dict[str, Any]
+
+
+def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[Message]:
+    """Normalise a question, LangChain messages or OpenAI dicts to OpenAI message dicts."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    converted = convert_to_openai_messages(list(messages))
+    return [dict(m) for m in converted]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
+def protocol_messages(
+    messages: Sequence[Message], *, user_template: str, system_prompt: str | None
+) -> list[Message]:
+    """Apply the protocol's prompt: the last user message goes through ``user_template``."""
+    out = [dict(m, content=_text(m.get("content", ""))) for m in messages]
+    last_user = next((i for i in range(len(out) - 1, -1, -1) if out[i]["role"] == "user"), None)
+    if last_user is None:
+        raise ValueError("the conversation has no user message to answer")
+    out[last_user]["content"] = user_template.replace("{question}", out[last_user]["content"])
+    if system_prompt and not any(m["role"] == "system" for m in out):
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> Any:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+class ChatTemplate:
+    """A Hugging Face chat template rendered with Jinja, as ``apply_chat_template`` does."""
+
+    def __init__(self, template: str, *, bos_token: str = "", eos_token: str = "") -> None:
+        self.template = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._compiled = _compile(template)
+
+    @classmethod
+    def from_tokenizer_dir(cls, path: str | Path) -> ChatTemplate:
+        """Read the template from a model or tokenizer directory."""
+        path = Path(path)
+        config_file = path / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = path / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        if not template:
+            raise ValueError(
+                f"no chat template in {path} (tokenizer_config.json or chat_template.jinja)"
+            )
+        return cls(
+            template,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+        )
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        return self._compiled.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **template_kwargs,
+        )
+
+
+def _token_text(token: Any) -> str:
+    if isinstance(token, dict):
+        return str(token.get("content", ""))
+    return token or ""
+
+
+def instruct_messages(messages: Sequence[Message], partial: str, template: str) -> list[Message]:
+    """The chat-instruct request: the conversation, then the partial answer in an instruction."""
+    return [*messages, {"role": "user", "content": template.replace("{partial}", partial)}]
