@@ -86,13 +86,17 @@ def test_clean_student_text(raw: str, answered: bool, clean: str) -> None:
 
 
 _pieces = st.lists(
-    st.sampled_from(["a", " ", "  ", "\n", "<", "<c", "call", ">", "</", "<call>", "</call>", "7", "x y"]),
+    st.sampled_from(
+        ["a", " ", "  ", "\n", "<", "<c", "call", ">", "</", "<call>", "</call>", "7", "x y"]
+    ),
     max_size=30,
 )
 
 
 @given(_pieces, st.data(), st.booleans())
-def test_clean_text_does_not_depend_on_chunking(pieces: list[str], data: st.DataObject, answered: bool) -> None:
+def test_clean_text_does_not_depend_on_chunking(
+    pieces: list[str], data: st.DataObject, answered: bool
+) -> None:
     raw = "".join(pieces)
     whole = clean_student_text(raw, answered_call=answered, answer_started=False)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=8)))
@@ -145,12 +149,20 @@ def test_call_ratio() -> None:
 
 
 def _config(**kw: object) -> RelayConfig:
-    endpoint = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "chat_template": "{{ messages }}"}
+    endpoint = {
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "chat_template": "{{ messages }}",
+    }
     return RelayConfig.model_validate({"student": endpoint, "teacher": endpoint, **kw})
 
 
-def _gen(text: str, finish: str = "stop", stop: str | None = None, tokens: int | None = None) -> Generation:
-    return Generation(text, finish, stop, prompt_tokens=10, completion_tokens=tokens or len(text.split()))
+def _gen(
+    text: str, finish: str = "stop", stop: str | None = None, tokens: int | None = None
+) -> Generation:
+    return Generation(
+        text, finish, stop, prompt_tokens=10, completion_tokens=tokens or len(text.split())
+    )
 
 
 def _student(answer, ledger, config, text, **kw):  # type: ignore[no-untyped-def]
@@ -177,14 +189,20 @@ def test_a_student_that_calls_twice() -> None:
     assert route(a) == "student"
     a, _ = _student(a, ledger, config, ". Then 408+1 = <call>2</call>", tokens=8)
     a, ledger, _ = finish_teacher_call(a, ledger, config, _gen(" 409", "length", tokens=2))
-    assert teacher_request({**a, "call": {"requested": 1, "granted": 1, "view_before_command": 0}}, config).answer == (
-        "First 12*34 =   408. Then 408+1 =   409"
-    )
+    assert teacher_request(
+        {**a, "call": {"requested": 1, "granted": 1, "view_before_command": 0}}, config
+    ).answer == ("First 12*34 =   408. Then 408+1 =   409")
     a, _ = _student(a, ledger, config, ". \\boxed{409}", tokens=4)
     assert route(a) == "finish" and a["finish_reason"] == "stop" and a["finished_by"] == "student"
     text = "".join(s["text"] for s in a["spans"])
     assert text == "First 12*34 = 408. Then 408+1 = 409. \\boxed{409}"
-    assert [s["source"] for s in a["spans"]] == ["student", "teacher", "student", "teacher", "student"]
+    assert [s["source"] for s in a["spans"]] == [
+        "student",
+        "teacher",
+        "student",
+        "teacher",
+        "student",
+    ]
     meta = relay_metadata(a, ledger, config)
     assert meta["usage"]["teacher_tokens"] == 5 and meta["usage"]["teacher_calls"] == 2
     assert meta["usage"]["student_tokens"] == 18
@@ -221,7 +239,9 @@ def test_teacher_eos_ends_the_answer() -> None:
 
 def test_a_student_that_never_stops_hits_the_answer_cap() -> None:
     config = _config(max_answer_tokens=10)
-    a, _ = _student(start_answer(MSGS, config), new_ledger(), config, "a b c d e f g h i j", finish="length")
+    a, _ = _student(
+        start_answer(MSGS, config), new_ledger(), config, "a b c d e f g h i j", finish="length"
+    )
     assert a["finish_reason"] == "length"
 
 
@@ -245,7 +265,9 @@ def test_budget_cuts_then_declines_and_suppresses_calls() -> None:
     a, ledger, _ = finish_teacher_call(a, ledger, config, _gen(" b c d e", "length", tokens=4))
     a, _ = _student(a, ledger, config, " f <call>3</call>")
     assert route(a) == "student"
-    assert a["events"][-1]["kind"] == "declined_call" and a["events"][-1]["reason"] == "budget_tokens"
+    assert (
+        a["events"][-1]["kind"] == "declined_call" and a["events"][-1]["reason"] == "budget_tokens"
+    )
     assert a["calls_suppressed"] and student_request(a, config).suppress_calls
     assert "<call>3</call>" not in a["student_view"]
     assert relay_metadata(a, ledger, config)["budget"]["exhausted"]
@@ -262,7 +284,9 @@ def test_cost_budget_pays_for_the_prompt_first() -> None:
     config = RelayConfig.model_validate(
         {"student": student, "teacher": teacher, "budget": {"max_cost_usd": 40.0}}
     )
-    a, _ = _student(start_answer(MSGS, config), new_ledger(), config, "a b <call>50</call>", tokens=3)
+    a, _ = _student(
+        start_answer(MSGS, config), new_ledger(), config, "a b <call>50</call>", tokens=3
+    )
     # prompt estimate 10 + 3 tokens -> 13 USD; 27 USD left buys 13 output tokens.
     assert a["call"]["granted"] == 13
 
