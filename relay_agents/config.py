@@ -141,6 +141,15 @@ class RelayConfig(_Strict):
     )
     on_teacher_failure: Literal["continue", "raise"] = "continue"
 
+    @field_validator("student")
+    @classmethod
+    def _student_continues(cls, value: Endpoint) -> Endpoint:
+        if value.api == "chat-instruct":
+            raise ValueError(
+                "student.api must be 'completions' or 'chat': the student continues its own text"
+            )
+        return value
+
     @field_validator("user_template")
     @classmethod
     def _has_question(cls, value: str) -> str:
