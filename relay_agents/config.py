@@ -18,9 +18,7 @@ from pydantic import (
     field_validator,
 )
 
-DEFAULT_USER_TEMPLATE = (
-    "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
-)
+DEFAULT_USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_INSTRUCT_TEMPLATE = (
     "Below is a partial answer to the conversation above. Continue it seamlessly from "
     "exactly where it stops. Output only the continuation: do not repeat the partial "
@@ -105,8 +103,7 @@ class Endpoint(_Strict):
     def price(self, input_tokens: int, output_tokens: int) -> float:
         """Cost in USD of one request."""
         return (
-            input_tokens * self.input_price_per_million
-            + output_tokens * self.output_price_per_million
+            input_tokens * self.input_price_per_million + output_tokens * self.output_price_per_million
         ) / 1_000_000
 
 
@@ -180,6 +177,7 @@ class ConfigError(ValueError):
 
 
 ENV_PREFIX = "RELAY_"
+CONFIG_FILE_VAR = "RELAY_CONFIG"
 _SECTIONS = ("student", "teacher", "budget")
 
 
@@ -224,8 +222,13 @@ def load_config(
 ) -> RelayConfig:
     """Load a :class:`RelayConfig` from a TOML file, then ``RELAY_*`` variables, then overrides.
 
+    The file defaults to the one named by ``RELAY_CONFIG``.
+
     Raises :class:`ConfigError` naming the field (and the variable or file it came from).
     """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(CONFIG_FILE_VAR) or None
     data: dict[str, Any] = {}
     origin = "configuration"
     if path is not None:
@@ -237,7 +240,7 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    env_values, sources = _env_overrides(os.environ if env is None else env)
+    env_values, sources = _env_overrides(env)
     data = _merge(data, env_values)
     if overrides:
         data = _merge(data, dict(overrides))

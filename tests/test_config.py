@@ -95,7 +95,7 @@ def test_invalid_values_name_the_field(env: dict[str, str], names: list[str]) ->
 
 
 def test_student_must_be_able_to_continue() -> None:
-    with pytest.raises(ConfigError, match="student.api"):
+    with pytest.raises(ConfigError, match=r"student\.api"):
         load_config(None, env={**ENV, "RELAY_STUDENT_API": "chat-instruct"})
 
 

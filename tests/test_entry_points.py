@@ -1,0 +1,112 @@
+"""The CLI, the langgraph.json graph and the examples, run as users run them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from relay_agents.testing import ScriptedServer
+from tests.conftest import CHATML
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def relay_env(server: ScriptedServer, tmp_path: Path, **extra: str) -> dict[str, str]:
+    config = tmp_path / "relay.toml"
+    template = json.dumps(CHATML)
+    config.write_text(
+        f'[student]\nbase_url = "{server.base_url}"\nmodel = "student"\nchat_template = {template}\n'
+        f'[teacher]\nbase_url = "{server.base_url}"\nmodel = "teacher"\nchat_template = {template}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return {**env, "RELAY_CONFIG": str(config), **extra}
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_ask_prints_the_answer_and_usage(scripted: ScriptedServer, tmp_path: Path) -> None:
+    scripted.script("student", "Q-cli", ["So 12*34 = <call>3</call>", ". \\boxed{408}"])
+    scripted.script("teacher", "Q-cli", [" 408 and so on"])
+    env = relay_env(scripted, tmp_path)
+    out = run(["relay-agents", "ask", "Q-cli", "--config", env["RELAY_CONFIG"]], env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "So 12*34 = 408. \\boxed{408}"
+    assert "teacher 3 tokens in 1 calls" in out.stderr
+
+
+def test_ask_json(scripted: ScriptedServer, tmp_path: Path) -> None:
+    scripted.script("student", "Q-json", ["So 12*34 = <call>3</call>", ". \\boxed{408}"])
+    scripted.script("teacher", "Q-json", [" 408 and so on"])
+    env = relay_env(scripted, tmp_path)
+    out = run(["relay-agents", "ask", "Q-json", "--json", "-c", env["RELAY_CONFIG"]], env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["text"] == "So 12*34 = 408. \\boxed{408}"
+    assert [s["source"] for s in data["spans"]] == ["student", "teacher", "student"]
+    assert data["usage"]["teacher_calls"] == 1
+
+
+def test_ask_with_a_bad_config_names_the_field(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update({"RELAY_STUDENT_BASE_URL": "nope", "RELAY_STUDENT_MODEL": "s"})
+    out = run(["relay-agents", "ask", "hi"], env)
+    assert out.returncode == 2
+    assert "student.base_url" in out.stderr and "teacher" in out.stderr
+
+
+def test_ask_when_the_student_is_down(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        {
+            "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:9/v1",
+            "RELAY_STUDENT_MODEL": "s",
+            "RELAY_STUDENT_CHAT_TEMPLATE": CHATML,
+            "RELAY_STUDENT_RETRY_DEADLINE": "1",
+            "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:9/v1",
+            "RELAY_TEACHER_MODEL": "t",
+        }
+    )
+    out = run(["relay-agents", "ask", "hi"], env)
+    assert out.returncode == 1
+    assert "student endpoint failed" in out.stderr and "APIConnectionError" in out.stderr
+
+
+def test_langgraph_json_graph_loads_and_runs(scripted: ScriptedServer, tmp_path: Path, monkeypatch) -> None:
+    spec = json.loads((ROOT / "langgraph.json").read_text())
+    path, _, attr = spec["graphs"]["relay"].partition(":")
+    env = relay_env(scripted, tmp_path)
+    monkeypatch.setenv("RELAY_CONFIG", env["RELAY_CONFIG"])
+    module_spec = importlib.util.spec_from_file_location("relay_graph_entry", ROOT / path)
+    assert module_spec and module_spec.loader
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    graph = getattr(module, attr)
+    scripted.script("student", "Q-studio", ["a <call>1</call>", " c"])
+    scripted.script("teacher", "Q-studio", [" b"])
+    state = graph.invoke({"messages": [{"role": "user", "content": "Q-studio"}]})
+    assert state["messages"][-1].text == "a b c"
+    assert set(state) == {"messages"}
+
+
+def test_examples_run(scripted: ScriptedServer, tmp_path: Path) -> None:
+    env = relay_env(scripted, tmp_path)
+    scripted.script("student", "17*23", ["17*23 = <call>3</call>", ". \\boxed{391}"])
+    scripted.script("teacher", "17*23", [" 391 ok"])
+    out = run([sys.executable, "examples/relay_question.py", "What is 17*23?"], env)
+    assert out.returncode == 0, out.stderr
+    assert "17*23 =[ 391]. \\boxed{391}" in out.stdout
+
+    scripted.script("student", "12*34?", ["12*34 = <call>3</call>", "."])
+    scripted.script("teacher", "12*34?", [" 408"])
+    scripted.script("student", "408 + 19", ["427."])
+    db = tmp_path / "conv.sqlite"
+    out = run([sys.executable, "examples/conversation_budget.py", str(db)], env)
+    assert out.returncode == 0, out.stderr
+    assert "12*34 = 408." in out.stdout and "teacher tokens spent so far: 3" in out.stdout
+    assert db.exists()
