@@ -8,6 +8,7 @@ first token, because tokens would be emitted twice. The SDK's own retries are of
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,11 +72,20 @@ class Request:
     enable_thinking: bool = False
 
 
+class StreamError(ValueError):
+    """The server sent an error event or garbage in the middle of a stream."""
+
+
 class _Collector:
-    """Accumulates one stream's chunks (completions or chat) into a :class:`Generation`."""
+    """Accumulates one SSE stream (completions or chat chunks, as JSON) into a :class:`Generation`.
+
+    Chunks are read as plain dicts: building SDK models per token costs more than the
+    rest of the relay loop together.
+    """
 
     __slots__ = (
         "chunks",
+        "done",
         "finish_reason",
         "limit",
         "parts",
@@ -88,36 +98,50 @@ class _Collector:
         self.parts: list[str] = []
         self.chunks = 0
         self.limit = limit  # chat-instruct: trim to N content chunks
+        self.done = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.prompt_tokens = 0
         self.usage_tokens: int | None = None
 
-    def add(self, chunk: Any) -> str:
-        if chunk.usage is not None:
-            self.prompt_tokens = chunk.usage.prompt_tokens or 0
-            self.usage_tokens = chunk.usage.completion_tokens
-        if not chunk.choices:
+    def add_line(self, line: str) -> str:
+        """Take one SSE line; return the text it adds."""
+        if not line.startswith("data:"):
             return ""
-        choice = chunk.choices[0]
-        delta = getattr(choice, "text", None)
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.done = True
+            return ""
+        chunk = json.loads(payload)
+        if not isinstance(chunk, dict):
+            raise StreamError(f"unexpected stream chunk: {payload[:200]}")
+        if "error" in chunk and not chunk.get("choices"):
+            error = chunk["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise StreamError(f"error event in the stream: {message}")
+        usage = chunk.get("usage")
+        if usage:
+            self.prompt_tokens = usage.get("prompt_tokens") or 0
+            self.usage_tokens = usage.get("completion_tokens")
+        choices = chunk.get("choices")
+        if not choices:
+            return ""
+        choice = choices[0]
+        delta = choice.get("text")
         if delta is None:
-            delta = choice.delta.content if choice.delta else None
-        if choice.finish_reason is not None:
-            self.finish_reason = choice.finish_reason
-            extra = choice.model_extra or {}
-            self.stop_reason = extra.get("stop_reason")
+            delta = (choice.get("delta") or {}).get("content")
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice["finish_reason"]
+            self.stop_reason = choice.get("stop_reason")
         if delta:
             self.parts.append(delta)
             self.chunks += 1
+            if self.limit is not None and self.chunks >= self.limit:
+                self.done = True
         return delta or ""
 
-    @property
-    def trimmed(self) -> bool:
-        return self.limit is not None and self.chunks >= self.limit
-
     def result(self, error: Exception | None = None) -> Generation:
-        if self.trimmed and self.finish_reason is None:
+        if self.limit is not None and self.chunks >= self.limit and self.finish_reason is None:
             self.finish_reason = "length"
         tokens = self.usage_tokens if self.usage_tokens is not None else self.chunks
         if self.limit is not None:
@@ -195,9 +219,7 @@ class EndpointClient:
         return {
             "retry": retry_if_exception(is_transient),
             "stop": stop_after_attempt(ep.max_retries + 1) | stop_after_delay(ep.retry_deadline),
-            "wait": wait_exponential_jitter(
-                multiplier=ep.retry_initial_delay, max=ep.retry_max_delay
-            ),
+            "wait": wait_exponential_jitter(multiplier=ep.retry_initial_delay, max=ep.retry_max_delay),
             "reraise": True,
         }
 
@@ -281,9 +303,7 @@ class EndpointClient:
     async def acall_token_ids(self) -> list[int]:
         if self._call_token_ids is None:
             body = {"model": self.endpoint.model, "prompt": CALL_OPEN, "add_special_tokens": False}
-            out = await self.async_client.post(
-                f"{self._root_url()}/tokenize", body=body, cast_to=object
-            )
+            out = await self.async_client.post(f"{self._root_url()}/tokenize", body=body, cast_to=object)
             self._call_token_ids = list(out["tokens"])
         return self._call_token_ids
 
@@ -350,34 +370,29 @@ class EndpointClient:
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, kwargs = self._kwargs(request, prefix, call_ids)
-        create = (
-            self.sync_client.completions.create
-            if api == "completions"
-            else self.sync_client.chat.completions.create
-        )
+        raw = self.sync_client.with_streaming_response
+        create = raw.completions.create if api == "completions" else raw.chat.completions.create
         collector = _Collector(self._trim_limit(request))
-        stream: Any = None
-        first: Any = None
         for attempt in Retrying(**self._retry_args()):
             with attempt:
-                stream = create(**kwargs)
-                iterator = iter(stream)
+                opened = create(**kwargs)
+                response = opened.__enter__()
                 try:
-                    first = next(iterator, None)
+                    lines = response.iter_lines()
+                    _emit(collector.add_line(next(lines, "data: [DONE]")), on_text)
                 except BaseException:
-                    stream.close()
+                    opened.__exit__(None, None, None)
                     raise
         try:
-            chunk = first
-            while chunk is not None:
-                _emit(collector.add(chunk), on_text)
-                if collector.trimmed:
-                    break
-                chunk = next(iterator, None)
+            if not collector.done:
+                for line in lines:
+                    _emit(collector.add_line(line), on_text)
+                    if collector.done:
+                        break
         except STREAM_ERRORS as exc:
             return collector.result(error=exc)
         finally:
-            stream.close()
+            opened.__exit__(None, None, None)
         return collector.result()
 
     async def agenerate(self, request: Request, on_text: OnText | None = None) -> Generation:
@@ -385,33 +400,29 @@ class EndpointClient:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, kwargs = self._kwargs(request, prefix, call_ids)
-        client = self.async_client
-        create = (
-            client.completions.create if api == "completions" else client.chat.completions.create
-        )
+        raw = self.async_client.with_streaming_response
+        create = raw.completions.create if api == "completions" else raw.chat.completions.create
         collector = _Collector(self._trim_limit(request))
-        stream: Any = None
-        first: Any = None
         async for attempt in AsyncRetrying(**self._retry_args()):
             with attempt:
-                stream = await create(**kwargs)
-                iterator = aiter(stream)
+                opened = create(**kwargs)
+                response = await opened.__aenter__()
                 try:
-                    first = await anext(iterator, None)
+                    lines = aiter(response.iter_lines())
+                    _emit(collector.add_line(await anext(lines, "data: [DONE]")), on_text)
                 except BaseException:
-                    await stream.close()
+                    await opened.__aexit__(None, None, None)
                     raise
         try:
-            chunk = first
-            while chunk is not None:
-                _emit(collector.add(chunk), on_text)
-                if collector.trimmed:
-                    break
-                chunk = await anext(iterator, None)
+            if not collector.done:
+                async for line in lines:
+                    _emit(collector.add_line(line), on_text)
+                    if collector.done:
+                        break
         except STREAM_ERRORS as exc:
             return collector.result(error=exc)
         finally:
-            await stream.close()
+            await opened.__aexit__(None, None, None)
         return collector.result()
 
 
