@@ -1,0 +1,49 @@
+"""The tiny relay world: a synthetic maths task family and a trained tiny student/teacher pair.
+
+* :mod:`relay_agents.tiny.tasks` — problems, reference/teacher/student solutions, grader
+  (pure Python).
+* :mod:`relay_agents.tiny.tokenizer` — the shared byte-level BPE tokenizer (``tokenizers``).
+* :mod:`relay_agents.tiny.build` — ``build_tiny_pair()`` trains and caches the two models
+  (``torch`` + ``transformers``, the ``cpu`` extra).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .tasks import (
+    INSTRUCTION,
+    Problem,
+    eval_problems,
+    extract_boxed,
+    is_correct,
+    student_solution,
+    teacher_solution,
+    train_problems,
+)
+
+if TYPE_CHECKING:
+    from .build import DEFAULT_RECIPE, Recipe, TinyPair, build_tiny_pair
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "INSTRUCTION",
+    "Problem",
+    "Recipe",
+    "TinyPair",
+    "build_tiny_pair",
+    "eval_problems",
+    "extract_boxed",
+    "is_correct",
+    "student_solution",
+    "teacher_solution",
+    "train_problems",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: torch is only imported when building
+    if name in {"DEFAULT_RECIPE", "Recipe", "TinyPair", "build_tiny_pair"}:
+        from . import build
+
+        return getattr(build, name)
+    raise AttributeError(name)

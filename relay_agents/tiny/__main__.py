@@ -1,0 +1,50 @@
+"""``python -m relay_agents.tiny build|eval|path``: build, evaluate or locate the tiny pair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relay_agents.tiny")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train (or load from the cache) the tiny student/teacher")
+    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    e = sub.add_parser("eval", help="held-out accuracy with transformers (greedy)")
+    e.add_argument("--cache-dir", default=None)
+    e.add_argument("-n", type=int, default=200)
+    p = sub.add_parser("path", help="print the student and teacher directories (builds if needed)")
+    p.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from .build import build_tiny_pair, read_stats
+
+    pair = build_tiny_pair(args.cache_dir, force=getattr(args, "force", False))
+    if args.cmd == "build":
+        print(
+            json.dumps(
+                {
+                    "student_dir": str(pair.student_dir),
+                    "teacher_dir": str(pair.teacher_dir),
+                    "stats": read_stats(pair),
+                },
+                indent=2,
+            )
+        )
+    elif args.cmd == "path":
+        print(pair.student_dir)
+        print(pair.teacher_dir)
+    else:
+        from .evaluate import evaluate_pair
+
+        print(json.dumps(evaluate_pair(pair, n=args.n), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

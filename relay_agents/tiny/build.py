@@ -1,0 +1,409 @@
+"""Build (train) and cache the tiny student/teacher pair.
+
+``build_tiny_pair()`` trains two Qwen3-architecture models on the synthetic task family of
+:mod:`relay_agents.tiny.tasks` with one shared tokenizer and saves them as ordinary Hugging
+Face model directories that vLLM serves:
+
+* the **teacher** is trained on full reference solutions (it learns the hard products);
+* the **student** is smaller and trained on the cold-start relay solutions: loss on its own
+  text, the ``<call>N</call>`` commands and EOS, but not on the teacher's results.
+
+Results are cached in ``$RELAY_AGENTS_CACHE/tiny/<recipe-hash>/`` (default
+``~/.cache/relay-agents/tiny/...``). A directory is only used when its ``manifest.json``
+(written last) matches the recipe hash and every file's checksum; anything else is rebuilt
+in a temporary directory inside the cache and renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import tasks
+from .tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    TOKENIZER_VERSION,
+    VOCAB_SIZE,
+    render_chat,
+    save_tokenizer,
+    tokenizer_corpus,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    n_train: int
+    seed: int
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class Recipe:
+    teacher: ModelRecipe
+    student: ModelRecipe
+    tokenizer_problems: int = 2000
+    vocab_size: int = VOCAB_SIZE
+    max_position_embeddings: int = 512
+    versions: tuple[int, int, int] = field(default=(tasks.TASK_VERSION, TOKENIZER_VERSION, BUILD_VERSION))
+
+    def digest(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+DEFAULT_RECIPE = Recipe(
+    teacher=ModelRecipe(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        steps=450,
+        batch_size=32,
+        lr=3e-3,
+        warmup=50,
+        n_train=16000,
+        seed=1,
+    ),
+    student=ModelRecipe(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        steps=500,
+        batch_size=32,
+        lr=3e-3,
+        warmup=30,
+        n_train=16000,
+        seed=2,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class TinyPair:
+    student_dir: Path
+    teacher_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.student_dir.parent
+
+
+def cache_root() -> Path:
+    """``$RELAY_AGENTS_CACHE`` or ``~/.cache/relay-agents``."""
+    env = os.environ.get("RELAY_AGENTS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "relay-agents"
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(root: Path, digest: str, recipe: Recipe, stats: dict[str, Any]) -> None:
+    files = {}
+    for sub in ("student", "teacher"):
+        for name in MODEL_FILES:
+            files[f"{sub}/{name}"] = _sha256(root / sub / name)
+    manifest = {
+        "recipe_hash": digest,
+        "recipe": dataclasses.asdict(recipe),
+        "files": files,
+        "stats": stats,
+    }
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(root / MANIFEST)
+
+
+def verify_pair(root: Path, digest: str) -> bool:
+    """Whether ``root`` holds a complete pair built from the recipe with hash ``digest``."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("recipe_hash") != digest:
+            return False
+        files = manifest["files"]
+        expected = {f"{s}/{n}" for s in ("student", "teacher") for n in MODEL_FILES}
+        if set(files) != expected:
+            return False
+        return all(_sha256(root / rel) == sha for rel, sha in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def read_stats(pair: TinyPair) -> dict[str, Any]:
+    """The build statistics stored in the pair's manifest."""
+    return json.loads((pair.root / MANIFEST).read_text()).get("stats", {})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _encode_segments(tok, prompt: str, segments: list[tasks.Segment], *, student: bool):
+    """Token ids and labels; the prompt (and, for the student, teacher segments) is masked."""
+    ids = list(tok.encode(prompt).ids)
+    labels = [-100] * len(ids)
+    for seg in segments:
+        seg_ids = tok.encode(seg.text).ids
+        ids += seg_ids
+        masked = student and seg.role == "teacher"
+        labels += [-100] * len(seg_ids) if masked else list(seg_ids)
+    eos = tok.token_to_id(IM_END)
+    ids.append(eos)
+    labels.append(eos)
+    return ids, labels
+
+
+def build_examples(tok, problems: list[tasks.Problem], *, student: bool):
+    count = _token_counter(tok)
+    out = []
+    for p in problems:
+        prompt = render_chat([{"role": "user", "content": p.user_message}])
+        segs = tasks.student_segments(p, count) if student else tasks.teacher_segments(p)
+        ids, labels = _encode_segments(tok, prompt, segs, student=student)
+        full = prompt + "".join(s.text for s in segs) + IM_END
+        if tok.encode(full).ids != ids:  # segment boundaries must not change tokenization
+            raise AssertionError(f"segment tokenization differs for {p.question!r}")
+        out.append((ids, labels))
+    return out
+
+
+def _token_counter(tok):
+    return lambda text: len(tok.encode(text).ids)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _make_config(mr: ModelRecipe, tok, recipe: Recipe):
+    from transformers import Qwen3Config
+
+    eos = tok.token_to_id(IM_END)
+    pad = tok.token_to_id(ENDOFTEXT)
+    return Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=mr.hidden_size,
+        intermediate_size=mr.intermediate_size,
+        num_hidden_layers=mr.num_hidden_layers,
+        num_attention_heads=mr.num_attention_heads,
+        num_key_value_heads=mr.num_key_value_heads,
+        head_dim=mr.head_dim,
+        max_position_embeddings=recipe.max_position_embeddings,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        torch_dtype="float32",
+        use_cache=True,
+    )
+
+
+def train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) -> dict[str, Any]:
+    """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train_model(mr, tok, recipe, examples, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) -> dict[str, Any]:
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    torch.manual_seed(mr.seed)
+    config = _make_config(mr, tok, recipe)
+    model = Qwen3ForCausalLM(config)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": mr.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=mr.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < mr.warmup:
+            return mr.lr * (step + 1) / mr.warmup
+        frac = (step - mr.warmup) / max(1, mr.steps - mr.warmup)
+        return mr.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    rng = random.Random(mr.seed)
+    order: list[int] = []
+    pad = config.pad_token_id
+    t0 = time.monotonic()
+    losses = []
+    for step in range(mr.steps):
+        if len(order) < mr.batch_size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        batch = [examples[i] for i in order[: mr.batch_size]]
+        del order[: mr.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(out.loss.item())
+        if step % 100 == 0 or step == mr.steps - 1:
+            log.info("step %d loss %.4f (%.1fs)", step, out.loss.item(), time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        do_sample=False,
+    ).save_pretrained(out_dir)
+    save_tokenizer(tok, out_dir, model_max_length=recipe.max_position_embeddings)
+    tail = losses[-20:]
+    return {
+        "params": params,
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(sum(tail) / len(tail), 4),
+    }
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _build_into(root: Path, recipe: Recipe) -> dict[str, Any]:
+    problems = tasks.train_problems(recipe.tokenizer_problems, seed=10_000)
+    tok = train_tokenizer(tokenizer_corpus(problems), vocab_size=recipe.vocab_size)
+    stats: dict[str, Any] = {}
+    for name, mr, student in (
+        ("teacher", recipe.teacher, False),
+        ("student", recipe.student, True),
+    ):
+        examples = build_examples(tok, tasks.train_problems(mr.n_train, seed=mr.seed), student=student)
+        log.info("training %s on %d examples", name, len(examples))
+        stats[name] = train_model(mr, tok, recipe, examples, root / name)
+    return stats
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_tiny_pair(
+    cache_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    *,
+    recipe: Recipe = DEFAULT_RECIPE,
+) -> TinyPair:
+    """Train (or load from the cache) the tiny student/teacher pair.
+
+    ``cache_dir`` is the directory that holds one sub-directory per recipe hash (default
+    ``cache_root() / "tiny"``). ``force`` rebuilds even if a valid cached pair exists.
+    Safe against concurrent builders (a file lock) and interrupted builds.
+    """
+    base = Path(cache_dir) if cache_dir is not None else cache_root() / "tiny"
+    digest = recipe.digest()
+    final = base / digest
+    pair = TinyPair(student_dir=final / "student", teacher_dir=final / "teacher")
+    if not force and verify_pair(final, digest):
+        return pair
+    with _lock(base / f".{digest}.lock"):
+        if not force and verify_pair(final, digest):
+            return pair
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.build-", dir=base))
+        tmp.chmod(0o755)
+        try:
+            t0 = time.monotonic()
+            stats = _build_into(tmp, recipe)
+            stats["build_seconds"] = round(time.monotonic() - t0, 1)
+            _write_manifest(tmp, digest, recipe, stats)
+            if final.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{digest}.old-", dir=base))
+                final.rename(trash / "old")
+                shutil.rmtree(trash, ignore_errors=True)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if not verify_pair(final, digest):
+        raise RuntimeError(f"tiny pair build in {final} did not verify")
+    return pair

@@ -1,0 +1,98 @@
+"""The tiny world's task family, shared tokenizer and grader (fast; no torch)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from relay_agents.tiny import tasks
+
+CALL_RE = re.compile(r"<call>(\d+)</call>")
+
+
+def test_generation_is_deterministic():
+    assert tasks.eval_problems(50) == tasks.eval_problems(50)
+    assert tasks.train_problems(50, seed=3) == tasks.train_problems(50, seed=3)
+    assert tasks.train_problems(50, seed=3) != tasks.train_problems(50, seed=4)
+    assert tasks.make_problem(random.Random(7)) == tasks.make_problem(random.Random(7))
+
+
+def test_train_and_eval_are_disjoint():
+    held_out = {p.question for p in tasks.eval_problems(tasks.EVAL_RESERVE)}
+    train = tasks.train_problems(3000, seed=0)
+    assert not held_out & {p.question for p in train}
+    assert len({p.question for p in tasks.eval_problems(500)}) == 500
+
+
+def test_solutions_are_consistent():
+    for p in tasks.eval_problems(300):
+        hard = [s for s in p.steps if s.hard]
+        assert len(hard) == 1 and 100 <= hard[0].result <= 999
+        assert 3 <= len(p.steps) - 1 <= 5
+        # the question evaluates to the gold answer
+        expr = p.question.removeprefix("Compute ").removesuffix(".")
+        assert eval(expr) == p.answer
+        teacher = tasks.teacher_solution(p)
+        student = tasks.student_solution(p)
+        assert tasks.is_correct(teacher, p.gold)
+        assert tasks.is_correct(student, p.gold)
+        # removing the calls (relay protocol: replace by a space) gives the teacher text
+        assert re.sub(" +", " ", CALL_RE.sub(" ", student)) == teacher
+        assert student.count("<call>") == 1
+        assert p.user_message.endswith(tasks.INSTRUCTION)
+
+
+def test_student_segments_roles():
+    p = tasks.eval_problems(1)[0]
+    segs = tasks.student_segments(p)
+    assert [s.role for s in segs] == ["student", "call", "teacher", "student"]
+    assert segs[1].text == "<call>4</call>"
+    assert segs[2].text == f" {p.steps[0].result}"
+    assert segs[3].text.startswith("\n") and segs[3].text.endswith(f"\\boxed{{{p.answer}}}")
+
+
+def test_call_n_equals_tokenizer_count():
+    pytest.importorskip("tokenizers")
+    from relay_agents.tiny.tokenizer import (
+        IM_END,
+        render_chat,
+        tokenizer_corpus,
+        train_tokenizer,
+    )
+
+    tok = train_tokenizer(tokenizer_corpus(tasks.train_problems(500, seed=10_000)))
+    assert tok.token_to_id("<call>") is not None and tok.token_to_id("</call>") is not None
+    for p in tasks.eval_problems(100):
+        prompt = render_chat([{"role": "user", "content": p.user_message}])
+        segs = tasks.student_segments(p)
+        full = prompt + "".join(s.text for s in segs) + IM_END
+        ids = tok.encode(full).ids
+        # the segments tokenize on their own exactly as inside the full text
+        assert [
+            *sum((tok.encode(s.text).ids for s in segs), tok.encode(prompt).ids),
+            tok.token_to_id(IM_END),
+        ] == ids
+        n = int(CALL_RE.search(segs[1].text).group(1))
+        assert n == len(tok.encode(segs[2].text).ids)
+        # the teacher's result, in the teacher view after the call (double space collapsed)
+        view = CALL_RE.sub(" ", "".join(s.text for s in segs)).strip()
+        teacher_ids = tok.encode(prompt + tasks.teacher_solution(p)).ids
+        assert tok.encode(prompt + view).ids == teacher_ids
+        # digits are single tokens, <call> tokens are atomic
+        assert tok.encode("<call>4</call>").tokens == ["<call>", "4", "</call>"]
+        assert tok.encode(" 282").tokens == ["Ġ", "2", "8", "2"]
+        assert tok.decode(ids, skip_special_tokens=False) == full
+
+
+def test_grader():
+    assert tasks.extract_boxed("so \\boxed{12} and \\boxed{ 345 }") == "345"
+    assert tasks.extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert tasks.extract_boxed("no box") is None
+    assert tasks.extract_boxed("\\boxed{12") is None
+    assert tasks.is_correct("x\n\\boxed{292}", "292")
+    assert tasks.is_correct("\\boxed{292}", 292)
+    assert tasks.is_correct("\\boxed{292.0}", "292")
+    assert not tasks.is_correct("\\boxed{293}", "292")
+    assert not tasks.is_correct("292", "292")
