@@ -85,12 +85,12 @@ class _Collector:
 
     __slots__ = (
         "chunks",
-        "done",
         "finish_reason",
         "limit",
         "parts",
         "prompt_tokens",
         "stop_reason",
+        "trimmed",
         "usage_tokens",
     )
 
@@ -98,7 +98,7 @@ class _Collector:
         self.parts: list[str] = []
         self.chunks = 0
         self.limit = limit  # chat-instruct: trim to N content chunks
-        self.done = False
+        self.trimmed = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.prompt_tokens = 0
@@ -110,7 +110,6 @@ class _Collector:
             return ""
         payload = line[5:].strip()
         if payload == "[DONE]":
-            self.done = True
             return ""
         chunk = json.loads(payload)
         if not isinstance(chunk, dict):
@@ -137,7 +136,7 @@ class _Collector:
             self.parts.append(delta)
             self.chunks += 1
             if self.limit is not None and self.chunks >= self.limit:
-                self.done = True
+                self.trimmed = True  # trimmed: stop reading (the connection is dropped)
         return delta or ""
 
     def result(self, error: Exception | None = None) -> Generation:
@@ -384,10 +383,10 @@ class EndpointClient:
                     opened.__exit__(None, None, None)
                     raise
         try:
-            if not collector.done:
+            if not collector.trimmed:
                 for line in lines:
                     _emit(collector.add_line(line), on_text)
-                    if collector.done:
+                    if collector.trimmed:
                         break
         except STREAM_ERRORS as exc:
             return collector.result(error=exc)
@@ -414,10 +413,10 @@ class EndpointClient:
                     await opened.__aexit__(None, None, None)
                     raise
         try:
-            if not collector.done:
+            if not collector.trimmed:
                 async for line in lines:
                     _emit(collector.add_line(line), on_text)
-                    if collector.done:
+                    if collector.trimmed:
                         break
         except STREAM_ERRORS as exc:
             return collector.result(error=exc)
