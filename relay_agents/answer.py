@@ -148,9 +148,7 @@ def finish_student_turn(
     a["student_turns"] += 1
     a["student_tokens"] += generation.completion_tokens
     a["student_prompt_tokens"] += generation.prompt_tokens
-    a["student_cost_usd"] += config.student.price(
-        generation.prompt_tokens, generation.completion_tokens
-    )
+    a["student_cost_usd"] += config.student.price(generation.prompt_tokens, generation.completion_tokens)
     command = parse_call(text)
     deltas: list[Delta] = []
 
@@ -171,9 +169,7 @@ def finish_student_turn(
         return a, deltas
 
     if command.malformed:
-        a["events"].append(
-            {"kind": "malformed_call", "message": f"malformed call command {command.raw!r}"}
-        )
+        a["events"].append({"kind": "malformed_call", "message": f"malformed call command {command.raw!r}"})
         if config.on_malformed_call == "fail":
             a["student_view"] += text
             close_turn(False)
@@ -186,9 +182,7 @@ def finish_student_turn(
 
     assert command.tokens is not None
     if command.tokens == 0:
-        a["events"].append(
-            {"kind": "ignored_call", "message": "call for 0 tokens ignored", "requested": 0}
-        )
+        a["events"].append({"kind": "ignored_call", "message": "call for 0 tokens ignored", "requested": 0})
         a["student_view"] += text
         close_turn(False)
         _continue_or_stop(a, config, "student")
@@ -205,8 +199,7 @@ def finish_student_turn(
         a["events"].append(
             {
                 "kind": "declined_call",
-                "message": f"call for {command.tokens} tokens declined: "
-                f"{_DECLINE_TEXT[grant.declined]}",
+                "message": f"call for {command.tokens} tokens declined: {_DECLINE_TEXT[grant.declined]}",
                 "requested": command.tokens,
                 "granted": 0,
                 "reason": grant.declined,
@@ -222,8 +215,7 @@ def finish_student_turn(
         a["events"].append(
             {
                 "kind": "truncated_call",
-                "message": f"call for {command.tokens} tokens cut to {grant.granted} "
-                f"({grant.limited_by})",
+                "message": f"call for {command.tokens} tokens cut to {grant.granted} ({grant.limited_by})",
                 "requested": command.tokens,
                 "granted": grant.granted,
                 "reason": grant.limited_by or "",
@@ -378,9 +370,7 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def budget_left(
-    budget: Budget, ledger: Ledger, *, cost_tokens: int | None
-) -> dict[str, int | None]:
+def budget_left(budget: Budget, ledger: Ledger, *, cost_tokens: int | None) -> dict[str, int | None]:
     return {
         "budget_tokens_left": None
         if budget.max_teacher_tokens is None
@@ -403,9 +393,7 @@ def _cost_tokens_left(a: AnswerState, ledger: Ledger, config: RelayConfig) -> in
         return None
     teacher = config.teacher
     est_prompt = (
-        a["student_prompt_tokens"] // max(a["student_turns"], 1)
-        + a["student_tokens"]
-        + a["teacher_tokens"]
+        a["student_prompt_tokens"] // max(a["student_turns"], 1) + a["student_tokens"] + a["teacher_tokens"]
     )
     left = limit - ledger["teacher_cost_usd"] - est_prompt * teacher.input_price_per_million / 1e6
     if left < 0:

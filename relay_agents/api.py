@@ -132,9 +132,7 @@ def relay(
     thread_id: str | None = None,
 ) -> RelayResult:
     """Relay one answer (blocking). With ``checkpointer`` and ``thread_id`` the budget persists."""
-    state = _graph(config, checkpointer).invoke(
-        _inputs(question), _run_config(thread_id, checkpointer)
-    )
+    state = _graph(config, checkpointer).invoke(_inputs(question), _run_config(thread_id, checkpointer))
     return RelayResult.from_message(state["messages"][-1])
 
 
@@ -154,9 +152,7 @@ async def arelay(
 class RelayStream:
     """Async iterator of :class:`RelayDelta`; ``result`` is set once it is exhausted."""
 
-    def __init__(
-        self, graph: CompiledStateGraph, inputs: dict[str, Any], run_config: dict[str, Any]
-    ) -> None:
+    def __init__(self, graph: CompiledStateGraph, inputs: dict[str, Any], run_config: dict[str, Any]) -> None:
         self._graph = graph
         self._inputs = inputs
         self._config = run_config
@@ -171,9 +167,7 @@ class RelayStream:
         return None
 
     async def __aiter__(self) -> AsyncIterator[RelayDelta]:
-        async for mode, payload in self._graph.astream(
-            self._inputs, self._config, stream_mode=_MODES
-        ):
+        async for mode, payload in self._graph.astream(self._inputs, self._config, stream_mode=_MODES):
             if (delta := self._take(mode, payload)) is not None:
                 yield delta
 
@@ -194,9 +188,7 @@ def astream_relay(
     thread_id: str | None = None,
 ) -> RelayStream:
     """Stream an answer as the models write it: ``async for delta in astream_relay(...)``."""
-    return RelayStream(
-        _graph(config, checkpointer), _inputs(question), _run_config(thread_id, checkpointer)
-    )
+    return RelayStream(_graph(config, checkpointer), _inputs(question), _run_config(thread_id, checkpointer))
 
 
 stream_relay = astream_relay

@@ -110,9 +110,7 @@ class RelayNodes:
 
     # student -------------------------------------------------------------------------
 
-    def _after_student(
-        self, state: RelayState, turn: _StudentTurn, gen: Generation
-    ) -> dict[str, Any]:
+    def _after_student(self, state: RelayState, turn: _StudentTurn, gen: Generation) -> dict[str, Any]:
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
         answer, deltas = finish_student_turn(
@@ -123,16 +121,12 @@ class RelayNodes:
 
     def student(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        gen = self.student_client.generate(
-            student_request(state["answer"], self.config), turn.on_text
-        )
+        gen = self.student_client.generate(student_request(state["answer"], self.config), turn.on_text)
         return self._after_student(state, turn, gen)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        gen = await self.student_client.agenerate(
-            student_request(state["answer"], self.config), turn.on_text
-        )
+        gen = await self.student_client.agenerate(student_request(state["answer"], self.config), turn.on_text)
         return self._after_student(state, turn, gen)
 
     # teacher -------------------------------------------------------------------------
@@ -158,9 +152,7 @@ class RelayNodes:
     def teacher(self, state: RelayState) -> dict[str, Any]:
         call = _TeacherCall(state["answer"], get_stream_writer())
         try:
-            gen = self.teacher_client.generate(
-                teacher_request(state["answer"], self.config), call.on_text
-            )
+            gen = self.teacher_client.generate(teacher_request(state["answer"], self.config), call.on_text)
         except STREAM_ERRORS as exc:
             return self._after_teacher(state, call, None, exc)
         return self._after_teacher(state, call, gen, None)

@@ -80,9 +80,7 @@ class ChatTemplate:
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text()
         if not template:
-            raise ValueError(
-                f"no chat template in {path} (tokenizer_config.json or chat_template.jinja)"
-            )
+            raise ValueError(f"no chat template in {path} (tokenizer_config.json or chat_template.jinja)")
         return cls(
             template,
             bos_token=_token_text(config.get("bos_token")),

@@ -86,9 +86,7 @@ def test_clean_student_text(raw: str, answered: bool, clean: str) -> None:
 
 
 _pieces = st.lists(
-    st.sampled_from(
-        ["a", " ", "  ", "\n", "<", "<c", "call", ">", "</", "<call>", "</call>", "7", "x y"]
-    ),
+    st.sampled_from(["a", " ", "  ", "\n", "<", "<c", "call", ">", "</", "<call>", "</call>", "7", "x y"]),
     max_size=30,
 )
 
@@ -157,12 +155,8 @@ def _config(**kw: object) -> RelayConfig:
     return RelayConfig.model_validate({"student": endpoint, "teacher": endpoint, **kw})
 
 
-def _gen(
-    text: str, finish: str = "stop", stop: str | None = None, tokens: int | None = None
-) -> Generation:
-    return Generation(
-        text, finish, stop, prompt_tokens=10, completion_tokens=tokens or len(text.split())
-    )
+def _gen(text: str, finish: str = "stop", stop: str | None = None, tokens: int | None = None) -> Generation:
+    return Generation(text, finish, stop, prompt_tokens=10, completion_tokens=tokens or len(text.split()))
 
 
 def _student(answer, ledger, config, text, **kw):  # type: ignore[no-untyped-def]
@@ -239,9 +233,7 @@ def test_teacher_eos_ends_the_answer() -> None:
 
 def test_a_student_that_never_stops_hits_the_answer_cap() -> None:
     config = _config(max_answer_tokens=10)
-    a, _ = _student(
-        start_answer(MSGS, config), new_ledger(), config, "a b c d e f g h i j", finish="length"
-    )
+    a, _ = _student(start_answer(MSGS, config), new_ledger(), config, "a b c d e f g h i j", finish="length")
     assert a["finish_reason"] == "length"
 
 
@@ -265,9 +257,7 @@ def test_budget_cuts_then_declines_and_suppresses_calls() -> None:
     a, ledger, _ = finish_teacher_call(a, ledger, config, _gen(" b c d e", "length", tokens=4))
     a, _ = _student(a, ledger, config, " f <call>3</call>")
     assert route(a) == "student"
-    assert (
-        a["events"][-1]["kind"] == "declined_call" and a["events"][-1]["reason"] == "budget_tokens"
-    )
+    assert a["events"][-1]["kind"] == "declined_call" and a["events"][-1]["reason"] == "budget_tokens"
     assert a["calls_suppressed"] and student_request(a, config).suppress_calls
     assert "<call>3</call>" not in a["student_view"]
     assert relay_metadata(a, ledger, config)["budget"]["exhausted"]
@@ -284,9 +274,7 @@ def test_cost_budget_pays_for_the_prompt_first() -> None:
     config = RelayConfig.model_validate(
         {"student": student, "teacher": teacher, "budget": {"max_cost_usd": 40.0}}
     )
-    a, _ = _student(
-        start_answer(MSGS, config), new_ledger(), config, "a b <call>50</call>", tokens=3
-    )
+    a, _ = _student(start_answer(MSGS, config), new_ledger(), config, "a b <call>50</call>", tokens=3)
     # prompt estimate 10 + 3 tokens -> 13 USD; 27 USD left buys 13 output tokens.
     assert a["call"]["granted"] == 13
 

@@ -68,18 +68,12 @@ async def test_a_student_that_calls_twice(scripted: ScriptedServer, mode: str) -
     assert student[2]["prompt"].endswith(
         "assistant\nFirst 12*34 = <call>3</call> 408. Then 408+1 = <call>3</call> 409"
     )
-    assert (
-        "Please reason step by step, and put your final answer within \\boxed{}."
-        in student[0]["prompt"]
-    )
+    assert "Please reason step by step, and put your final answer within \\boxed{}." in student[0]["prompt"]
 
     usage = result.message.usage_metadata
     assert usage is not None
     assert usage["output_tokens"] == result.usage.student_tokens + result.usage.teacher_tokens
-    assert (
-        usage["input_tokens"]
-        == result.usage.student_prompt_tokens + result.usage.teacher_prompt_tokens
-    )
+    assert usage["input_tokens"] == result.usage.student_prompt_tokens + result.usage.teacher_prompt_tokens
     assert result.usage.student_prompt_tokens > 0 and result.usage.teacher_prompt_tokens > 0
 
 
@@ -156,9 +150,7 @@ async def test_a_dead_teacher_costs_seconds_and_is_reported(scripted: ScriptedSe
     assert [e.kind for e in result.events] == ["teacher_failure"]
     assert "teacher unavailable" in result.events[0].message
     resumed = generation_requests(scripted, "student")[-1]
-    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == [
-        "<call>"
-    ]
+    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == ["<call>"]
 
 
 async def test_transient_teacher_errors_are_retried(scripted: ScriptedServer) -> None:
@@ -265,9 +257,7 @@ async def test_chat_instruct_teacher_is_trimmed_to_n(scripted: ScriptedServer) -
 
 async def test_prompt_rendered_by_the_server(scripted: ScriptedServer) -> None:
     script_twice(scripted, "Q-server-template")
-    config = relay_config(
-        scripted, student={"chat_template": None}, teacher={"chat_template": None}
-    )
+    config = relay_config(scripted, student={"chat_template": None}, teacher={"chat_template": None})
     result = await arelay("Q-server-template", config)
     assert result.text.startswith("First 12*34 = 408.")
     paths = [r["path"] for r in scripted.requests()]
