@@ -119,9 +119,7 @@ async def test_streaming_cut_stop_string_is_never_emitted(client):
 
 async def test_chat_rendering_and_continue_final_message(srv, client):
     srv.script(model="student", match="Q2", responses=["Hi there.", " 2 = <call>1</call> x"])
-    resp = await client.chat.completions.create(
-        model="student", messages=[{"role": "user", "content": "Q2"}]
-    )
+    resp = await client.chat.completions.create(model="student", messages=[{"role": "user", "content": "Q2"}])
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == "Hi there."

@@ -192,9 +192,7 @@ class _Script:
 
 @dataclass
 class _State:
-    vocab: dict[str, int] = field(
-        default_factory=lambda: {t: i for i, t in enumerate(_SPECIAL_TOKENS)}
-    )
+    vocab: dict[str, int] = field(default_factory=lambda: {t: i for i, t in enumerate(_SPECIAL_TOKENS)})
     id_to_token: list[str] = field(default_factory=lambda: list(_SPECIAL_TOKENS))
     scripts: list[_Script] = field(default_factory=list)
     faults: dict[str, deque[str]] = field(default_factory=dict)
@@ -219,9 +217,7 @@ class _State:
     def take(self, model: str, prompt: str) -> tuple[str | None, str]:
         """Consume the next answer for a request: ``(fault or None, text)``. For a fault the
         text is what a dropped stream shows before dying (the next scripted text)."""
-        script = next(
-            (s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None
-        )
+        script = next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
         queued = self.faults.get(model)
         if queued:
             return queued.popleft(), self._peek_text(script)
@@ -338,9 +334,7 @@ def create_app(state: _State | None = None) -> Any:
         add_gen = body.get("add_generation_prompt", True)
         cont = body.get("continue_final_message", False)
         if add_gen and cont:
-            raise _BadRequest(
-                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
-            )
+            raise _BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         try:
             return render_chat(
                 body.get("messages"), add_generation_prompt=add_gen, continue_final_message=cont
@@ -375,9 +369,7 @@ def create_app(state: _State | None = None) -> Any:
         except _BadRequest as exc:
             return _error(str(exc))
         state.models.setdefault(model)
-        state.requests.append(
-            {"path": request.url.path, "model": model, "body": body, "prompt": prompt}
-        )
+        state.requests.append({"path": request.url.path, "model": model, "body": body, "prompt": prompt})
         try:
             return await respond(request, body, model, prompt, chat)
         except _BadRequest as exc:
@@ -609,9 +601,7 @@ def create_app(state: _State | None = None) -> Any:
             return _error(str(exc))
         unknown = set(body) - set(_DEFAULT_CONFIG)
         if unknown:
-            return _error(
-                f"unknown config keys {sorted(unknown)}; known: {sorted(_DEFAULT_CONFIG)}"
-            )
+            return _error(f"unknown config keys {sorted(unknown)}; known: {sorted(_DEFAULT_CONFIG)}")
         for key, value in body.items():
             default = _DEFAULT_CONFIG[key]
             if not isinstance(value, type(default) if isinstance(default, str) else (int, float)):
@@ -728,9 +718,7 @@ class ScriptedServer:
         if self._log is None:
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "relay_agents.testing.scripted_server", "--host", self.host]
         cmd += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
         self._proc = subprocess.Popen(
@@ -775,9 +763,7 @@ class ScriptedServer:
 
     def script(self, model: str, match: str, responses: list[str | dict[str, Any]]) -> None:
         """Requests for ``model`` whose prompt contains ``match`` get ``responses`` in order."""
-        self._call(
-            "POST", "/_scripted/script", {"model": model, "match": match, "responses": responses}
-        )
+        self._call("POST", "/_scripted/script", {"model": model, "match": match, "responses": responses})
 
     def faults(self, model: str, faults: list[str]) -> None:
         """Queue faults ("429", "500", "503", "hang", "drop", "malformed") for ``model``."""
