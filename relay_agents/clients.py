@@ -218,7 +218,9 @@ class EndpointClient:
         return {
             "retry": retry_if_exception(is_transient),
             "stop": stop_after_attempt(ep.max_retries + 1) | stop_after_delay(ep.retry_deadline),
-            "wait": wait_exponential_jitter(multiplier=ep.retry_initial_delay, max=ep.retry_max_delay),
+            "wait": wait_exponential_jitter(
+                multiplier=ep.retry_initial_delay, max=ep.retry_max_delay, jitter=ep.retry_initial_delay
+            ),
             "reraise": True,
         }
 
