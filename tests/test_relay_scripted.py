@@ -141,11 +141,11 @@ async def test_a_dead_teacher_costs_seconds_and_is_reported(scripted: ScriptedSe
     scripted.script("student", "Q-dead", ["So x = <call>4</call>", "5 by myself."])
     config = relay_config(
         scripted,
-        teacher={"base_url": f"http://127.0.0.1:{_dead_port()}/v1", "retry_initial_delay": 0.05},
+        teacher={"base_url": f"http://127.0.0.1:{_dead_port()}/v1", "retry_initial_delay": 0.25},
     )
     started = time.monotonic()
     result = await arelay("Q-dead", config)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 2.5  # the default retry settings: two retries, then the student goes on
     assert result.text == "So x = 5 by myself."
     assert [e.kind for e in result.events] == ["teacher_failure"]
     assert "teacher unavailable" in result.events[0].message

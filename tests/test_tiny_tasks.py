@@ -96,3 +96,51 @@ def test_grader():
     assert tasks.is_correct("\\boxed{292.0}", "292")
     assert not tasks.is_correct("\\boxed{293}", "292")
     assert not tasks.is_correct("292", "292")
+
+
+def test_build_cache_verifies_and_rebuilds(tmp_path):
+    """A micro recipe: cached pair reused; corrupt or foreign dirs are rebuilt, never used."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import json
+
+    from relay_agents.tiny import build
+
+    micro = build.ModelRecipe(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        warmup=1,
+        n_train=16,
+        seed=0,
+    )
+    recipe = build.Recipe(teacher=micro, student=micro, tokenizer_problems=100)
+    pair = build.build_tiny_pair(tmp_path, recipe=recipe)
+    root = pair.root
+    assert root == tmp_path / recipe.digest()
+    assert build.verify_pair(root, recipe.digest())
+    for d in (pair.student_dir, pair.teacher_dir):
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        assert cfg["eos_token"] == "<|im_end|>" and "chat_template" in cfg
+        assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] is not None
+    first = (pair.teacher_dir / "model.safetensors").read_bytes()
+    mtime = (root / build.MANIFEST).stat().st_mtime_ns
+    assert build.build_tiny_pair(tmp_path, recipe=recipe) == pair  # cached
+    assert (root / build.MANIFEST).stat().st_mtime_ns == mtime
+    # corrupt a file: rebuilt (deterministically: same weights)
+    (pair.student_dir / "model.safetensors").write_bytes(b"garbage")
+    assert not build.verify_pair(root, recipe.digest())
+    build.build_tiny_pair(tmp_path, recipe=recipe)
+    assert build.verify_pair(root, recipe.digest())
+    assert (pair.teacher_dir / "model.safetensors").read_bytes() == first
+    # a manifest from another recipe is not accepted
+    other = build.Recipe(teacher=micro, student=micro, tokenizer_problems=101)
+    assert not build.verify_pair(root, other.digest())
+    # no temporary build dirs are left behind
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [recipe.digest()]

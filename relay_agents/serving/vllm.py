@@ -296,6 +296,7 @@ class VLLMServer:
 
     # ------------------------------------------------------------------ async
     async def astart(self) -> VLLMServer:
+        _install_handlers()  # here, on the event loop's (usually the main) thread
         return await asyncio.to_thread(self.start)
 
     async def astop(self) -> None:
@@ -352,6 +353,7 @@ class TinyPairServers:
         self.stop()
 
     async def __aenter__(self) -> TinyPairServers:
+        _install_handlers()
         return await asyncio.to_thread(self.start)
 
     async def __aexit__(self, *exc: object) -> None:

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="held-out accuracy with transformers (greedy)")
     e.add_argument("--cache-dir", default=None)
     e.add_argument("-n", type=int, default=200)
+    e.add_argument("--vllm", action="store_true", help="serve both with vLLM and evaluate there")
     p = sub.add_parser("path", help="print the student and teacher directories (builds if needed)")
     p.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
@@ -40,9 +41,25 @@ def main(argv: list[str] | None = None) -> int:
         print(pair.student_dir)
         print(pair.teacher_dir)
     else:
-        from .evaluate import evaluate_pair
+        if args.vllm:
+            import asyncio
 
-        print(json.dumps(evaluate_pair(pair, n=args.n), indent=2))
+            from relay_agents.serving import tiny_pair_servers
+
+            from .evaluate import evaluate_servers
+
+            with tiny_pair_servers(cache_dir=args.cache_dir) as servers:
+                res = asyncio.run(
+                    evaluate_servers(servers.student.base_url, servers.teacher.base_url, n=args.n)
+                )
+                res["server_start_seconds"] = max(
+                    servers.student.startup_seconds, servers.teacher.startup_seconds
+                )
+        else:
+            from .evaluate import evaluate_pair
+
+            res = evaluate_pair(pair, n=args.n)
+        print(json.dumps(res, indent=2))
     return 0
 
 

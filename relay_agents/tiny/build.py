@@ -82,6 +82,9 @@ class Recipe:
     vocab_size: int = VOCAB_SIZE
     max_position_embeddings: int = 512
     versions: tuple[int, int, int] = field(default=(tasks.TASK_VERSION, TOKENIZER_VERSION, BUILD_VERSION))
+    task_params: tuple[Any, ...] = field(
+        default=(tasks.A_RANGE, tasks.B_RANGE, tasks.N_EASY, tasks.EVAL_RESERVE)
+    )
 
     def digest(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -389,6 +392,9 @@ def build_tiny_pair(
     with _lock(base / f".{digest}.lock"):
         if not force and verify_pair(final, digest):
             return pair
+        # leftovers of killed builds of this recipe (we hold the lock: none is running)
+        for stale in base.glob(f".{digest}.build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.build-", dir=base))
         tmp.chmod(0o755)
         try:

@@ -143,3 +143,78 @@ def evaluate_pair(pair, n: int = 200, seed: int = tasks.DEFAULT_EVAL_SEED) -> di
     }
     res.update(relay_accuracy(student, teacher, problems))
     return res
+
+
+async def evaluate_servers(
+    student_url: str,
+    teacher_url: str,
+    *,
+    student_model: str = "tiny-student",
+    teacher_model: str = "tiny-teacher",
+    n: int = 200,
+    seed: int = tasks.DEFAULT_EVAL_SEED,
+    concurrency: int = 32,
+) -> dict[str, float]:
+    """The same measurements through two OpenAI-compatible (vLLM) servers.
+
+    Student alone uses vLLM's ``bad_words=["<call>"]``; the relay uses ``stop=["</call>"]``
+    with ``include_stop_str_in_output`` and raw completions for the teacher.
+    """
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    problems = tasks.eval_problems(n, seed=seed)
+    student = AsyncOpenAI(base_url=student_url, api_key="EMPTY", max_retries=0)
+    teacher = AsyncOpenAI(base_url=teacher_url, api_key="EMPTY", max_retries=0)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def complete(client, model: str, prompt: str, **kw: Any):
+        async with sem:
+            return await client.completions.create(model=model, prompt=prompt, temperature=0, **kw)
+
+    async def solo(client, model: str, p: tasks.Problem, **kw: Any) -> bool:
+        r = await complete(client, model, _prompt(p), max_tokens=200, **kw)
+        return tasks.is_correct(r.choices[0].text, p.gold)
+
+    async def relay(p: tasks.Problem) -> tuple[bool, int, int]:
+        view, s_tok, t_tok = "", 0, 0
+        for _ in range(8):
+            r = await complete(
+                student,
+                student_model,
+                _prompt(p) + view,
+                max_tokens=200,
+                stop=["</call>"],
+                extra_body={"include_stop_str_in_output": True},
+            )
+            text = r.choices[0].text
+            view += text
+            s_tok += r.usage.completion_tokens
+            calls = list(_CALL_RE.finditer(text))
+            if not (text.endswith("</call>") and calls):
+                break
+            try:
+                want = max(1, min(64, int(calls[-1].group(1).strip())))
+            except ValueError:
+                break
+            t_view = _CALL_RE.sub(" ", view).strip()
+            r = await complete(teacher, teacher_model, _prompt(p) + t_view, max_tokens=want)
+            view += r.choices[0].text
+            t_tok += r.usage.completion_tokens
+        return tasks.is_correct(_CALL_RE.sub(" ", view), p.gold), s_tok, t_tok
+
+    t_acc = await asyncio.gather(*(solo(teacher, teacher_model, p) for p in problems))
+    s_acc = await asyncio.gather(
+        *(solo(student, student_model, p, extra_body={"bad_words": ["<call>"]}) for p in problems)
+    )
+    relays = await asyncio.gather(*(relay(p) for p in problems))
+    s_total = sum(r[1] for r in relays)
+    t_total = sum(r[2] for r in relays)
+    return {
+        "n": n,
+        "teacher_accuracy": sum(t_acc) / n,
+        "student_accuracy_calls_banned": sum(s_acc) / n,
+        "relay_accuracy": sum(r[0] for r in relays) / n,
+        "teacher_token_share": t_total / max(1, s_total + t_total),
+    }

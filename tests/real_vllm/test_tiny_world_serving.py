@@ -5,6 +5,7 @@ Plain ``openai`` SDK (``AsyncOpenAI``, ``max_retries=0``), temperature 0, held-o
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -107,6 +108,11 @@ async def test_bad_words_suppresses_call(student, problems):
     banned = await c.completions.create(**kw, extra_body={"bad_words": ["<call>"]})
     assert "<call>" not in banned.choices[0].text
     assert banned.choices[0].text.startswith(f"{p.steps[0].lhs} =")
+    # the alternative: logit_bias on the <call> token id
+    call_id = json.loads((student.model_dir / "tokenizer.json").read_text())["added_tokens"]
+    call_id = next(t["id"] for t in call_id if t["content"] == "<call>")
+    biased = await c.completions.create(**kw, logit_bias={str(call_id): -100})
+    assert "<call>" not in biased.choices[0].text
 
 
 async def test_chat_continue_final_message(teacher, problems):
