@@ -32,9 +32,14 @@ import weakref
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay_agents.config import RelayConfig
 
 INSTALL_HINT = "pip install 'relay-agents[cpu]'"
+#: Tiny-world answers are ~40 tokens; the servers' context is 512 tokens.
+TINY_MAX_ANSWER_TOKENS = 256
 
 _LIVE: weakref.WeakSet[VLLMServer] = weakref.WeakSet()
 _HANDLERS_LOCK = threading.Lock()
@@ -345,6 +350,24 @@ class TinyPairServers:
     def stop(self) -> None:
         for s in (self.student, self.teacher):
             s.stop()
+
+    def relay_config(self, **overrides: Any) -> RelayConfig:
+        """A relay config for this pair: completions API, the models' own chat template,
+        greedy decoding, and an answer cap that fits the servers' context."""
+        from relay_agents.config import Endpoint, RelayConfig
+
+        def endpoint(server: VLLMServer, model_dir: Path) -> Endpoint:
+            return Endpoint(
+                base_url=server.base_url, model=server.model, tokenizer_path=model_dir, temperature=0.0
+            )
+
+        settings: dict[str, Any] = {
+            "student": endpoint(self.student, self.pair.student_dir),
+            "teacher": endpoint(self.teacher, self.pair.teacher_dir),
+            "max_answer_tokens": TINY_MAX_ANSWER_TOKENS,
+        }
+        settings.update(overrides)
+        return RelayConfig(**settings)
 
     def __enter__(self) -> TinyPairServers:
         return self.start()
