@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 
 from relay_agents.api import RelayResult, astream_relay
-from relay_agents.config import ConfigError, RelayConfig, load_config
+from relay_agents.config import CONFIG_FILE_VAR, ConfigError, RelayConfig, load_config
 
 app = typer.Typer(help="Relay decoding: a small student model calls a large teacher for hard steps.")
 console = Console(highlight=False)
@@ -45,13 +46,17 @@ def usage_line(result: RelayResult) -> str:
     return line
 
 
-async def _ask(question: str, config: RelayConfig, as_json: bool) -> RelayResult:
+async def _stream(question: str, config: RelayConfig, *, show: bool = True) -> RelayResult:
     stream = astream_relay(question, config)
     async for delta in stream:
-        if not as_json:
+        if show:
             console.print(delta.text, style=TEACHER_STYLE if delta.source == "teacher" else None, end="")
     assert stream.result is not None
     return stream.result
+
+
+def _configured() -> bool:
+    return bool(os.environ.get(CONFIG_FILE_VAR) or os.environ.get("RELAY_STUDENT_BASE_URL"))
 
 
 @app.callback()
@@ -68,7 +73,7 @@ def ask(
     """Answer one question with relay decoding; teacher text is highlighted."""
     config = _load(config_file)
     try:
-        result = asyncio.run(_ask(question, config, as_json))
+        result = asyncio.run(_stream(question, config, show=not as_json))
     except openai.APIError as exc:
         errors.print(f"\n[red]error:[/red] the student endpoint failed: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
@@ -79,6 +84,64 @@ def ask(
     for event in result.events:
         errors.print(f"[yellow]note:[/yellow] {event.message}")
     errors.print(f"[dim]{usage_line(result)}[/dim]  [{TEACHER_STYLE}]teacher text[/{TEACHER_STYLE}]")
+
+
+async def _demo(config: RelayConfig, count: int) -> tuple[int, int, int]:
+    from relay_agents.tiny import tasks
+
+    correct = student = teacher = 0
+    for problem in tasks.eval_problems(count):
+        console.rule(f"[bold]{problem.question}")
+        result = await _stream(problem.question, config)
+        console.print()
+        ok = tasks.is_correct(result.text, problem.gold)
+        correct += ok
+        student += result.usage.student_tokens
+        teacher += result.usage.teacher_tokens
+        mark = "[green]correct[/green]" if ok else f"[red]wrong[/red] (expected {problem.gold})"
+        console.print(f"{mark}  [dim]{usage_line(result)}[/dim]")
+        for event in result.events:
+            console.print(f"[yellow]note:[/yellow] {event.message}")
+    return correct, student, teacher
+
+
+@app.command()
+def demo(
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="How many problems to relay.")] = 3,
+    config_file: ConfigOption = None,
+) -> None:
+    """Relay a few held-out tiny-world problems. With no endpoints configured, this builds (or
+    loads) the tiny student/teacher pair, serves them with vLLM on the CPU, and shuts down after."""
+    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+
+    if config_file is not None or _configured():
+        config = _load(config_file)
+        correct, student, teacher = asyncio.run(_demo(config, count))
+    else:
+        if not vllm_available():
+            errors.print("[red]error:[/red] the embedded demo serves its models with vLLM; install it with")
+            errors.print("  pip install 'relay-agents[cpu]'   (or: bash scripts/install.sh)")
+            raise typer.Exit(1)
+        try:
+            with console.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
+                servers = tiny_pair_servers()
+            with console.status("Starting two vLLM servers on the CPU (~30 s)"):
+                servers.start()
+        except VLLMServerError as exc:
+            errors.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+        with servers:
+            console.print(
+                f"[dim]student {servers.student.base_url}, teacher {servers.teacher.base_url}; "
+                f"logs in {servers.student.log_path.parent if servers.student.log_path else '-'}[/dim]"
+            )
+            correct, student, teacher = asyncio.run(_demo(servers.relay_config(), count))
+    console.rule()
+    share = teacher / (student + teacher) if student + teacher else 0.0
+    console.print(
+        f"{correct}/{count} correct; the teacher wrote {share:.1%} of the answer tokens "
+        f"([{TEACHER_STYLE}]highlighted[/{TEACHER_STYLE}])."
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
