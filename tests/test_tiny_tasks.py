@@ -125,7 +125,12 @@ def test_build_cache_verifies_and_rebuilds(tmp_path):
     root = pair.root
     assert root == tmp_path / recipe.digest()
     assert build.verify_pair(root, recipe.digest())
-    for d in (pair.student_dir, pair.teacher_dir):
+    assert pair.solo_dir == root / "solo"
+    manifest = json.loads((root / build.MANIFEST).read_text())
+    assert {rel.split("/")[0] for rel in manifest["files"]} == {"teacher", "student", "solo"}
+    assert manifest["recipe"]["solo"] is None and recipe.solo_recipe == recipe.student
+    assert set(build.read_stats(pair)) >= {"teacher", "student", "solo", "build_seconds"}
+    for d in (pair.student_dir, pair.teacher_dir, pair.solo_dir):
         cfg = json.loads((d / "tokenizer_config.json").read_text())
         assert cfg["eos_token"] == "<|im_end|>" and "chat_template" in cfg
         assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] is not None
@@ -139,8 +144,77 @@ def test_build_cache_verifies_and_rebuilds(tmp_path):
     build.build_tiny_pair(tmp_path, recipe=recipe)
     assert build.verify_pair(root, recipe.digest())
     assert (pair.teacher_dir / "model.safetensors").read_bytes() == first
+    # the intact models were reused from the old build, the corrupt one retrained
+    stats = build.read_stats(pair)
+    assert stats["teacher"]["reused_from"] == recipe.digest() and "reused_from" not in stats["student"]
+    # a build without the solo student (an older layout) is not accepted
+    import shutil
+
+    shutil.rmtree(pair.solo_dir)
+    assert not build.verify_pair(root, recipe.digest())
+    build.build_tiny_pair(tmp_path, recipe=recipe)
+    assert build.verify_pair(root, recipe.digest())
     # a manifest from another recipe is not accepted
     other = build.Recipe(teacher=micro, student=micro, tokenizer_problems=101)
     assert not build.verify_pair(root, other.digest())
     # no temporary build dirs are left behind
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [recipe.digest()]
+
+
+def test_solo_recipe_and_pair_compat():
+    from relay_agents.tiny import build
+
+    r = build.DEFAULT_RECIPE
+    # the solo student is the student's size and training budget unless the recipe says otherwise
+    assert r.solo_recipe == r.student
+    other = build.Recipe(teacher=r.teacher, student=r.student, solo=r.teacher)
+    assert other.solo_recipe == r.teacher and other.digest() != r.digest()
+    # TinyPair stays constructible the old way
+    old = build.TinyPair(student_dir=build.Path("/x/student"), teacher_dir=build.Path("/x/teacher"))
+    assert old.solo_dir is None and old.root == build.Path("/x")
+
+
+def test_solo_examples_learn_the_hard_results():
+    """The solo student is trained like the teacher: loss on every answer token."""
+    pytest.importorskip("tokenizers")
+    from relay_agents.tiny import build
+    from relay_agents.tiny.tokenizer import tokenizer_corpus, train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(tasks.train_problems(300, seed=10_000)))
+    p = tasks.eval_problems(1)[0]
+    ((solo_ids, solo_labels),) = build.build_examples(tok, [p], student=False)
+    ((st_ids, st_labels),) = build.build_examples(tok, [p], student=True)
+    hard = f"{p.steps[0].result}"
+    assert hard in tok.decode([t for t in solo_labels if t != -100])
+    assert tok.token_to_id("<call>") not in solo_ids and tok.token_to_id("<call>") in st_ids
+    assert hard not in tok.decode([t for t in st_labels if t != -100]).split("\n")[0]
+
+
+def test_tiny_configs_four_settings(tmp_path):
+    """The four table settings as relay configs (servers never started: only URLs)."""
+    pytest.importorskip("openai")
+    from relay_agents.serving import TinyPairServers, VLLMServer
+    from relay_agents.tiny import build
+    from relay_agents.tiny.evaluate import SETTINGS, tiny_configs
+
+    pair = build.TinyPair(tmp_path / "student", tmp_path / "teacher", tmp_path / "solo")
+    student = VLLMServer(pair.student_dir, served_model_name="tiny-student", port=8001)
+    teacher = VLLMServer(pair.teacher_dir, served_model_name="tiny-teacher", port=8002)
+    solo = VLLMServer(pair.solo_dir, served_model_name="tiny-solo", port=8003)
+    servers = TinyPairServers(student, teacher, pair)
+    configs = tiny_configs(servers, solo, temperature=0.7, seed=5)
+    assert tuple(configs) == SETTINGS
+    seat = {name: (c.student.model, c.teacher.model, c.policy) for name, c in configs.items()}
+    assert seat == {
+        "student_alone": ("tiny-solo", "tiny-teacher", "teacher_free"),
+        "teacher_free": ("tiny-student", "tiny-teacher", "teacher_free"),
+        "relay": ("tiny-student", "tiny-teacher", "command"),
+        "teacher_alone": ("tiny-teacher", "tiny-teacher", "teacher_free"),
+    }
+    for c in configs.values():
+        for ep in (c.student, c.teacher):
+            assert (ep.temperature, ep.seed, ep.api) == (0.7, 5, "completions")
+            assert ep.tokenizer_path is not None and ep.tokenizer_path.name == ep.model.removeprefix("tiny-")
+    assert configs["student_alone"].student.base_url == "http://127.0.0.1:8003/v1"
+    greedy = tiny_configs(servers, None)
+    assert "student_alone" not in greedy and greedy["relay"].student.temperature == 0.0

@@ -1,10 +1,13 @@
-"""The tiny relay world: a synthetic maths task family and a trained tiny student/teacher pair.
+"""The tiny relay world: a synthetic maths task family and trained tiny student/teacher models.
 
 * :mod:`relay_agents.tiny.tasks` — problems, reference/teacher/student solutions, grader
   (pure Python).
 * :mod:`relay_agents.tiny.tokenizer` — the shared byte-level BPE tokenizer (``tokenizers``).
-* :mod:`relay_agents.tiny.build` — ``build_tiny_pair()`` trains and caches the two models
+* :mod:`relay_agents.tiny.build` — ``build_tiny_pair()`` trains and caches the models:
+  teacher, relay student and the solo student (the student's size, trained without relay)
   (``torch`` + ``transformers``, the ``cpu`` extra).
+* :mod:`relay_agents.tiny.evaluate` — the paper's table in miniature through the relay
+  engine (``benchmarks/tiny_world.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m relay_agents.tiny build|eval|path``: build, evaluate or locate the tiny pair."""
+"""``python -m relay_agents.tiny build|eval|path``: build, evaluate or locate the tiny models."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay_agents.tiny")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="train (or load from the cache) the tiny student/teacher")
+    b = sub.add_parser("build", help="train (or load from the cache) the tiny student/teacher/solo")
     b.add_argument("--cache-dir", default=None)
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
-    e = sub.add_parser("eval", help="held-out accuracy with transformers (greedy)")
+    e = sub.add_parser("eval", help="held-out accuracy (transformers, greedy; --vllm: the relay engine)")
     e.add_argument("--cache-dir", default=None)
     e.add_argument("-n", type=int, default=200)
-    e.add_argument("--vllm", action="store_true", help="serve both with vLLM and evaluate there")
-    p = sub.add_parser("path", help="print the student and teacher directories (builds if needed)")
+    e.add_argument("--vllm", action="store_true", help="serve the models with vLLM and evaluate there")
+    p = sub.add_parser("path", help="print the student, teacher and solo directories (builds if needed)")
     p.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "student_dir": str(pair.student_dir),
                     "teacher_dir": str(pair.teacher_dir),
+                    "solo_dir": str(pair.solo_dir),
                     "stats": read_stats(pair),
                 },
                 indent=2,
@@ -41,20 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "path":
         print(pair.student_dir)
         print(pair.teacher_dir)
+        print(pair.solo_dir)
     else:
         if args.vllm:
             import asyncio
 
             from relay_agents.serving import tiny_pair_servers
 
-            from .evaluate import evaluate_servers
+            from .evaluate import evaluate_servers, solo_server
 
-            with tiny_pair_servers(cache_dir=args.cache_dir) as servers:
-                res = asyncio.run(
-                    evaluate_servers(servers.student.base_url, servers.teacher.base_url, n=args.n)
-                )
+            with tiny_pair_servers(cache_dir=args.cache_dir) as servers, solo_server(servers) as solo:
+                res = asyncio.run(evaluate_servers(servers, solo, n=args.n))
                 res["server_start_seconds"] = max(
-                    servers.student.startup_seconds, servers.teacher.startup_seconds
+                    s.startup_seconds or 0.0 for s in (servers.student, servers.teacher, solo)
                 )
         else:
             from .evaluate import evaluate_pair

@@ -6,12 +6,19 @@ Face model directories that vLLM serves:
 
 * the **teacher** is trained on full reference solutions (it learns the hard products);
 * the **student** is smaller and trained on the cold-start relay solutions: loss on its own
-  text, the ``<call>N</call>`` commands and EOS, but not on the teacher's results.
+  text, the ``<call>N</call>`` commands and EOS, but not on the teacher's results;
+* the **solo student** has the student's size and training budget (by default the student's
+  recipe: same size, steps, data and seed) but is trained without relay, on the teacher's
+  full solutions (it sees the hard results and never learns to call): the baseline a
+  same-size model reaches alone ("student alone" in the paper's table).
 
 Results are cached in ``$RELAY_AGENTS_CACHE/tiny/<recipe-hash>/`` (default
 ``~/.cache/relay-agents/tiny/...``). A directory is only used when its ``manifest.json``
 (written last) matches the recipe hash and every file's checksum; anything else is rebuilt
-in a temporary directory inside the cache and renamed into place atomically.
+in a temporary directory inside the cache and renamed into place atomically. A rebuild
+copies (checksum-verified) any model that another cached build trained with the same model
+recipe, shared settings and tokenizer instead of retraining it (training is deterministic),
+so adding a model to the recipe only trains the new one; ``force=True`` retrains all.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1
 MANIFEST = "manifest.json"
+#: the models of a build, in training order; each is a sub-directory of the build
+MODEL_NAMES = ("teacher", "student", "solo")
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -78,6 +87,8 @@ class ModelRecipe:
 class Recipe:
     teacher: ModelRecipe
     student: ModelRecipe
+    #: the solo student's recipe; ``None``: the student's (same size, steps, data, seed)
+    solo: ModelRecipe | None = None
     tokenizer_problems: int = 2000
     vocab_size: int = VOCAB_SIZE
     max_position_embeddings: int = 512
@@ -85,6 +96,10 @@ class Recipe:
     task_params: tuple[Any, ...] = field(
         default=(tasks.A_RANGE, tasks.B_RANGE, tasks.N_EASY, tasks.EVAL_RESERVE)
     )
+
+    @property
+    def solo_recipe(self) -> ModelRecipe:
+        return self.solo if self.solo is not None else self.student
 
     def digest(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -127,6 +142,8 @@ DEFAULT_RECIPE = Recipe(
 class TinyPair:
     student_dir: Path
     teacher_dir: Path
+    #: the solo student (student-sized, trained without relay); ``None`` for older callers
+    solo_dir: Path | None = None
 
     @property
     def root(self) -> Path:
@@ -152,7 +169,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(root: Path, digest: str, recipe: Recipe, stats: dict[str, Any]) -> None:
     files = {}
-    for sub in ("student", "teacher"):
+    for sub in MODEL_NAMES:
         for name in MODEL_FILES:
             files[f"{sub}/{name}"] = _sha256(root / sub / name)
     manifest = {
@@ -169,13 +186,13 @@ def _write_manifest(root: Path, digest: str, recipe: Recipe, stats: dict[str, An
 
 
 def verify_pair(root: Path, digest: str) -> bool:
-    """Whether ``root`` holds a complete pair built from the recipe with hash ``digest``."""
+    """Whether ``root`` holds a complete build (teacher, student, solo) of recipe hash ``digest``."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("recipe_hash") != digest:
             return False
         files = manifest["files"]
-        expected = {f"{s}/{n}" for s in ("student", "teacher") for n in MODEL_FILES}
+        expected = {f"{s}/{n}" for s in MODEL_NAMES for n in MODEL_FILES}
         if set(files) != expected:
             return False
         return all(_sha256(root / rel) == sha for rel, sha in files.items())
@@ -344,17 +361,68 @@ def _train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) 
 # --------------------------------------------------------------------------- build
 
 
-def _build_into(root: Path, recipe: Recipe) -> dict[str, Any]:
+#: recipe fields besides a model's own that its weights depend on
+_SHARED_FIELDS = ("tokenizer_problems", "vocab_size", "max_position_embeddings", "versions", "task_params")
+
+
+def _reuse_model(base: Path, root: Path, name: str, mr: ModelRecipe, recipe: Recipe) -> dict[str, Any] | None:
+    """Copy model ``name`` from another build in ``base`` that trained it identically.
+
+    Training is deterministic, so a model with the same model recipe, shared recipe fields
+    and tokenizer (``tokenizer.json`` checksum, already saved in ``root``) is the model this
+    build would train: adding a model to the recipe does not retrain the others. Every
+    copied file is checked against the other build's manifest. Returns its stats, or ``None``.
+    """
+    want = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    want_mr = json.loads(json.dumps(dataclasses.asdict(mr)))
+    tok_sha = _sha256(root / "tokenizer.json")
+    for other in sorted(base.iterdir()):
+        if other.name.startswith(".") or other == root or not other.is_dir():
+            continue
+        try:
+            manifest = json.loads((other / MANIFEST).read_text())
+            old = manifest["recipe"]
+            old_mr = old.get(name)
+            if name == "solo" and old_mr is None:  # the solo student defaults to the student's recipe
+                old_mr = old.get("student")
+            files = manifest["files"]
+            if old_mr != want_mr or any(old.get(k) != want[k] for k in _SHARED_FIELDS):
+                continue
+            if files.get(f"{name}/tokenizer.json") != tok_sha:
+                continue
+            (root / name).mkdir(parents=True, exist_ok=True)
+            for f in MODEL_FILES:
+                shutil.copyfile(other / name / f, root / name / f)
+            if all(_sha256(root / name / f) == files[f"{name}/{f}"] for f in MODEL_FILES):
+                stats = dict(manifest.get("stats", {}).get(name, {}))
+                stats["reused_from"] = manifest["recipe_hash"]
+                log.info("reusing %s from %s (same recipe and tokenizer)", name, other)
+                return stats
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        shutil.rmtree(root / name, ignore_errors=True)
+    return None
+
+
+def _build_into(root: Path, recipe: Recipe, *, reuse_from: Path | None = None) -> dict[str, Any]:
     problems = tasks.train_problems(recipe.tokenizer_problems, seed=10_000)
     tok = train_tokenizer(tokenizer_corpus(problems), vocab_size=recipe.vocab_size)
+    save_tokenizer(tok, root, model_max_length=recipe.max_position_embeddings)
     stats: dict[str, Any] = {}
     for name, mr, student in (
         ("teacher", recipe.teacher, False),
         ("student", recipe.student, True),
+        ("solo", recipe.solo_recipe, False),  # the teacher's full solutions, student-sized
     ):
+        reused = _reuse_model(reuse_from, root, name, mr, recipe) if reuse_from is not None else None
+        if reused is not None:
+            stats[name] = reused
+            continue
         examples = build_examples(tok, tasks.train_problems(mr.n_train, seed=mr.seed), student=student)
         log.info("training %s on %d examples", name, len(examples))
         stats[name] = train_model(mr, tok, recipe, examples, root / name)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (root / f).unlink()
     return stats
 
 
@@ -377,7 +445,7 @@ def build_tiny_pair(
     *,
     recipe: Recipe = DEFAULT_RECIPE,
 ) -> TinyPair:
-    """Train (or load from the cache) the tiny student/teacher pair.
+    """Train (or load from the cache) the tiny student/teacher pair and the solo student.
 
     ``cache_dir`` is the directory that holds one sub-directory per recipe hash (default
     ``cache_root() / "tiny"``). ``force`` rebuilds even if a valid cached pair exists.
@@ -386,7 +454,7 @@ def build_tiny_pair(
     base = Path(cache_dir) if cache_dir is not None else cache_root() / "tiny"
     digest = recipe.digest()
     final = base / digest
-    pair = TinyPair(student_dir=final / "student", teacher_dir=final / "teacher")
+    pair = TinyPair(student_dir=final / "student", teacher_dir=final / "teacher", solo_dir=final / "solo")
     if not force and verify_pair(final, digest):
         return pair
     with _lock(base / f".{digest}.lock"):
@@ -399,7 +467,7 @@ def build_tiny_pair(
         tmp.chmod(0o755)
         try:
             t0 = time.monotonic()
-            stats = _build_into(tmp, recipe)
+            stats = _build_into(tmp, recipe, reuse_from=None if force else base)
             stats["build_seconds"] = round(time.monotonic() - t0, 1)
             _write_manifest(tmp, digest, recipe, stats)
             if final.exists():

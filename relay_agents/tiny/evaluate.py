@@ -1,9 +1,18 @@
-"""Evaluate the tiny pair in-process with transformers (greedy decoding, no server).
+"""Evaluate the tiny world: the paper's table in miniature.
 
-``evaluate_pair(pair, n=200)`` reports held-out accuracy of the teacher alone, the
-student alone (``<call>`` banned) and the relay (student + teacher following the relay
-protocol: the teacher continues the stripped teacher view for exactly N tokens), and
-the share of answer tokens the teacher wrote.
+* :func:`evaluate_servers` (the real measurement) runs the project's relay engine
+  (:func:`relay_agents.arelay`) against vLLM servers, four settings on the same held-out
+  problems:
+
+  - ``student_alone``: the solo student (student-sized, trained without relay) answering
+    alone (``policy="teacher_free"`` with the solo server in the student seat);
+  - ``teacher_free``: the relay-trained student with calls blocked (vLLM ``bad_words``);
+  - ``relay``: student + teacher, ``policy="command"``;
+  - ``teacher_alone``: the teacher answering alone (in the student seat, ``teacher_free``).
+
+* :func:`evaluate_pair` is a quick in-process check with transformers (greedy, no server)
+  for development: teacher alone, solo student, student with calls banned and a lock-step
+  batched relay.
 """
 
 from __future__ import annotations
@@ -132,89 +141,144 @@ def relay_accuracy(
 
 
 def evaluate_pair(pair, n: int = 200, seed: int = tasks.DEFAULT_EVAL_SEED) -> dict[str, float]:
-    """Held-out accuracies of teacher alone, student alone (calls banned) and the relay."""
+    """In-process (transformers, greedy) held-out accuracies: teacher alone, solo student,
+    student with calls banned, and the relay."""
     problems = tasks.eval_problems(n, seed=seed)
     student = _LM.load(pair.student_dir)
     teacher = _LM.load(pair.teacher_dir)
-    res = {
+    res: dict[str, float] = {
         "n": n,
         "teacher_accuracy": solo_accuracy(teacher, problems),
         "student_accuracy_calls_banned": solo_accuracy(student, problems, ban_calls=True),
     }
+    if pair.solo_dir is not None:
+        res["solo_student_accuracy"] = solo_accuracy(_LM.load(pair.solo_dir), problems)
     res.update(relay_accuracy(student, teacher, problems))
     return res
 
 
+#: the table's rows, in the paper's column order
+SETTINGS = ("student_alone", "teacher_free", "relay", "teacher_alone")
+
+
+def tiny_configs(servers, solo, *, temperature: float = 0.0, seed: int | None = None) -> dict[str, Any]:
+    """The four settings' :class:`~relay_agents.config.RelayConfig` for the tiny servers.
+
+    ``servers`` is a started :class:`~relay_agents.serving.TinyPairServers`, ``solo`` a
+    started :class:`~relay_agents.serving.VLLMServer` for ``pair.solo_dir`` (``None``:
+    no ``student_alone`` row). ``temperature``/``seed`` go on every endpoint (vLLM takes
+    the seed per request, so sampled runs are reproducible).
+    """
+    from relay_agents.config import Endpoint
+
+    sampling = {"temperature": temperature, "seed": seed}
+    base = servers.relay_config()
+    student = base.student.model_copy(update=sampling)
+    teacher = base.teacher.model_copy(update=sampling)
+    configs = {
+        "teacher_free": servers.relay_config(student=student, teacher=teacher, policy="teacher_free"),
+        "relay": servers.relay_config(student=student, teacher=teacher, policy="command"),
+        # the teacher in the student seat, calls blocked: it writes the whole answer alone
+        "teacher_alone": servers.relay_config(student=teacher, teacher=teacher, policy="teacher_free"),
+    }
+    if solo is not None:
+        solo_ep = Endpoint(
+            base_url=solo.base_url,
+            model=solo.model,
+            tokenizer_path=solo.model_dir,
+            **sampling,
+        )
+        configs["student_alone"] = servers.relay_config(
+            student=solo_ep, teacher=teacher, policy="teacher_free"
+        )
+    return {name: configs[name] for name in SETTINGS if name in configs}
+
+
 async def evaluate_servers(
-    student_url: str,
-    teacher_url: str,
+    servers,
+    solo=None,
     *,
-    student_model: str = "tiny-student",
-    teacher_model: str = "tiny-teacher",
     n: int = 200,
     seed: int = tasks.DEFAULT_EVAL_SEED,
+    temperature: float = 0.0,
+    sampling_seed: int | None = None,
     concurrency: int = 32,
-) -> dict[str, float]:
-    """The same measurements through two OpenAI-compatible (vLLM) servers.
+) -> dict[str, Any]:
+    """The table through the relay engine: every setting on ``n`` held-out problems.
 
-    Student alone uses vLLM's ``bad_words=["<call>"]``; the relay uses ``stop=["</call>"]``
-    with ``include_stop_str_in_output`` and raw completions for the teacher.
+    Each row: ``accuracy`` (:func:`tasks.is_correct` on ``result.text``), ``student_tokens``
+    and ``teacher_tokens`` (answer tokens written by the student seat and by the teacher;
+    in ``teacher_alone`` the teacher sits in the student seat, so all its tokens count as
+    teacher tokens), ``teacher_token_share`` (teacher tokens / all answer tokens),
+    ``teacher_calls``, ``finish_reasons``, ``errors`` (failed answers count as wrong) and
+    ``seconds``. All problems of a row run concurrently (at most ``concurrency`` at once).
     """
     import asyncio
+    import time
+    from collections import Counter
 
-    from openai import AsyncOpenAI
+    from relay_agents.api import arelay
 
     problems = tasks.eval_problems(n, seed=seed)
-    student = AsyncOpenAI(base_url=student_url, api_key="EMPTY", max_retries=0)
-    teacher = AsyncOpenAI(base_url=teacher_url, api_key="EMPTY", max_retries=0)
+    configs = tiny_configs(servers, solo, temperature=temperature, seed=sampling_seed)
     sem = asyncio.Semaphore(concurrency)
 
-    async def complete(client, model: str, prompt: str, **kw: Any):
+    async def one(config, p: tasks.Problem):
         async with sem:
-            return await client.completions.create(model=model, prompt=prompt, temperature=0, **kw)
-
-    async def solo(client, model: str, p: tasks.Problem, **kw: Any) -> bool:
-        r = await complete(client, model, _prompt(p), max_tokens=200, **kw)
-        return tasks.is_correct(r.choices[0].text, p.gold)
-
-    async def relay(p: tasks.Problem) -> tuple[bool, int, int]:
-        view, s_tok, t_tok = "", 0, 0
-        for _ in range(8):
-            r = await complete(
-                student,
-                student_model,
-                _prompt(p) + view,
-                max_tokens=200,
-                stop=["</call>"],
-                extra_body={"include_stop_str_in_output": True},
-            )
-            text = r.choices[0].text
-            view += text
-            s_tok += r.usage.completion_tokens
-            calls = list(_CALL_RE.finditer(text))
-            if not (text.endswith("</call>") and calls):
-                break
             try:
-                want = max(1, min(64, int(calls[-1].group(1).strip())))
-            except ValueError:
-                break
-            t_view = _CALL_RE.sub(" ", view).strip()
-            r = await complete(teacher, teacher_model, _prompt(p) + t_view, max_tokens=want)
-            view += r.choices[0].text
-            t_tok += r.usage.completion_tokens
-        return tasks.is_correct(_CALL_RE.sub(" ", view), p.gold), s_tok, t_tok
+                return await arelay(p.question, config)
+            except Exception as e:  # an answer that failed is a wrong answer
+                return e
 
-    t_acc = await asyncio.gather(*(solo(teacher, teacher_model, p) for p in problems))
-    s_acc = await asyncio.gather(
-        *(solo(student, student_model, p, extra_body={"bad_words": ["<call>"]}) for p in problems)
-    )
-    relays = await asyncio.gather(*(relay(p) for p in problems))
-    s_total = sum(r[1] for r in relays)
-    t_total = sum(r[2] for r in relays)
+    rows: dict[str, Any] = {}
+    for name, config in configs.items():
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(one(config, p) for p in problems))
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        correct = sum(
+            tasks.is_correct(r.text, p.gold)
+            for r, p in zip(results, problems, strict=True)
+            if not isinstance(r, BaseException)
+        )
+        s_tok = sum(r.usage.student_tokens for r in ok)
+        t_tok = sum(r.usage.teacher_tokens for r in ok)
+        if name == "teacher_alone":
+            s_tok, t_tok = 0, s_tok + t_tok
+        errors = [r for r in results if isinstance(r, BaseException)]
+        rows[name] = {
+            "accuracy": correct / n,
+            "correct": correct,
+            "student_tokens": s_tok,
+            "teacher_tokens": t_tok,
+            "teacher_token_share": t_tok / max(1, s_tok + t_tok),
+            "teacher_calls": sum(r.usage.teacher_calls for r in ok),
+            "finish_reasons": dict(Counter(str(r.finish_reason) for r in ok)),
+            "errors": len(errors),
+            "first_error": repr(errors[0])[:300] if errors else None,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
     return {
         "n": n,
-        "teacher_accuracy": sum(t_acc) / n,
-        "student_accuracy_calls_banned": sum(s_acc) / n,
-        "relay_accuracy": sum(r[0] for r in relays) / n,
-        "teacher_token_share": t_total / max(1, s_total + t_total),
+        "eval_seed": seed,
+        "temperature": temperature,
+        "sampling_seed": sampling_seed,
+        "rows": rows,
     }
+
+
+def solo_server(servers, **kwargs: Any):
+    """An (unstarted) vLLM server ``tiny-solo`` for the solo student of ``servers.pair``,
+    on core 0 (next to the student) with the pair's log directory."""
+    from relay_agents.serving import VLLMServer
+
+    pair = servers.pair
+    if pair.solo_dir is None:
+        raise ValueError("this build has no solo student")
+    settings: dict[str, Any] = {
+        "served_model_name": "tiny-solo",
+        "cpu_cores": "0",
+        "max_model_len": servers.student.max_model_len,
+        "log_dir": servers.student.log_dir,
+    }
+    settings.update(kwargs)
+    return VLLMServer(pair.solo_dir, **settings)
