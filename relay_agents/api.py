@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import lru_cache
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage
@@ -99,17 +100,15 @@ class RelayDelta(BaseModel):
 Question = str | Sequence[BaseMessage | Message]
 
 
-_GRAPHS: dict[str, CompiledStateGraph] = {}
+@lru_cache(maxsize=64)
+def _shared_graph(config_key: str) -> CompiledStateGraph:
+    return build_relay_graph(RelayConfig.model_validate_json(config_key))
 
 
 def _graph(config: RelayConfig, checkpointer: BaseCheckpointSaver | None) -> CompiledStateGraph:
     if checkpointer is not None:
         return build_relay_graph(config, checkpointer=checkpointer)
-    key = identity(config)
-    graph = _GRAPHS.get(key)
-    if graph is None:
-        graph = _GRAPHS[key] = build_relay_graph(config)
-    return graph
+    return _shared_graph(identity(config))
 
 
 def _inputs(question: Question) -> dict[str, Any]:

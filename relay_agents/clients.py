@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,14 @@ from tenacity import (
 
 from relay_agents.config import Endpoint, identity
 from relay_agents.prompts import ChatTemplate, Message, instruct_messages
-from relay_agents.protocol import CALL_OPEN
+from relay_agents.protocol import CALL_CLOSE, CALL_OPEN
 
 OnText = Callable[[str], None]
+#: Both tags are banned when calls are blocked: a student that may not open a command
+#: must not close one either.
+CALL_TAGS = (CALL_OPEN, CALL_CLOSE)
+#: Prompts rendered by the server (``/tokenize`` + ``/detokenize``) kept per client.
+SERVER_PROMPT_CACHE_SIZE = 1024
 
 #: What a broken or garbled stream raises: SDK errors, transport errors, bad JSON.
 STREAM_ERRORS: tuple[type[Exception], ...] = (openai.APIError, httpx2.HTTPError, ValueError)
@@ -170,7 +176,7 @@ class EndpointClient:
         elif endpoint.tokenizer_path:
             self._template = ChatTemplate.from_tokenizer_dir(endpoint.tokenizer_path)
         self._call_token_ids: list[int] | None = None
-        self._server_prompts: dict[str, str] = {}
+        self._server_prompts: OrderedDict[str, str] = OrderedDict()
 
     # -- clients --------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class EndpointClient:
                 body={"model": self.endpoint.model, "tokens": ids["tokens"]},
                 cast_to=object,
             )
-            self._server_prompts[key] = text["prompt"]
+            self._remember_prompt(key, text["prompt"])
         return self._server_prompts[key]
 
     async def aprompt_prefix(self, request: Request) -> str:
@@ -283,29 +289,45 @@ class EndpointClient:
                 body={"model": self.endpoint.model, "tokens": ids["tokens"]},
                 cast_to=object,
             )
-            self._server_prompts[key] = text["prompt"]
+            self._remember_prompt(key, text["prompt"])
         return self._server_prompts[key]
 
-    def _call_bias(self, ids: list[int]) -> dict[str, int]:
-        if len(ids) != 1:
-            raise ValueError(
-                f"{self.endpoint.model}: call_suppression='logit_bias' needs {CALL_OPEN!r} to be "
-                f"one token, the server's tokenizer gives {len(ids)}; use 'bad_words'"
-            )
-        return {str(ids[0]): -100}
+    def _remember_prompt(self, key: str, prompt: str) -> None:
+        self._server_prompts[key] = prompt
+        if len(self._server_prompts) > SERVER_PROMPT_CACHE_SIZE:
+            self._server_prompts.popitem(last=False)
+
+    def _tag_body(self, tag: str) -> dict[str, Any]:
+        return {"model": self.endpoint.model, "prompt": tag, "add_special_tokens": False}
+
+    def _tag_ids(self, tokenized: list[list[int]]) -> list[int]:
+        for tag, ids in zip(CALL_TAGS, tokenized, strict=True):
+            if len(ids) != 1:
+                raise ValueError(
+                    f"{self.endpoint.model}: call_suppression='logit_bias' needs {tag!r} to be one "
+                    f"token, the server's tokenizer gives {len(ids)}; use 'bad_words'"
+                )
+        return [ids[0] for ids in tokenized]
 
     def call_token_ids(self) -> list[int]:
+        """Token ids of ``<call>`` and ``</call>`` in the server's vocabulary (for logit_bias)."""
         if self._call_token_ids is None:
-            body = {"model": self.endpoint.model, "prompt": CALL_OPEN, "add_special_tokens": False}
-            out = self.sync_client.post(f"{self._root_url()}/tokenize", body=body, cast_to=object)
-            self._call_token_ids = list(out["tokens"])
+            client, root = self.sync_client, self._root_url()
+            tokenized = [
+                client.post(f"{root}/tokenize", body=self._tag_body(t), cast_to=object)["tokens"]
+                for t in CALL_TAGS
+            ]
+            self._call_token_ids = self._tag_ids(tokenized)
         return self._call_token_ids
 
     async def acall_token_ids(self) -> list[int]:
         if self._call_token_ids is None:
-            body = {"model": self.endpoint.model, "prompt": CALL_OPEN, "add_special_tokens": False}
-            out = await self.async_client.post(f"{self._root_url()}/tokenize", body=body, cast_to=object)
-            self._call_token_ids = list(out["tokens"])
+            client, root = self.async_client, self._root_url()
+            tokenized = [
+                (await client.post(f"{root}/tokenize", body=self._tag_body(t), cast_to=object))["tokens"]
+                for t in CALL_TAGS
+            ]
+            self._call_token_ids = self._tag_ids(tokenized)
         return self._call_token_ids
 
     # -- request building (pure) ----------------------------------------------------------
@@ -332,9 +354,9 @@ class EndpointClient:
                 extra["include_stop_str_in_output"] = True
         if request.suppress_calls:
             if ep.call_suppression == "bad_words":
-                extra["bad_words"] = [*extra.get("bad_words", []), CALL_OPEN]
+                extra["bad_words"] = [*extra.get("bad_words", []), *CALL_TAGS]
             elif ep.call_suppression == "logit_bias" and call_ids is not None:
-                kwargs["logit_bias"] = self._call_bias(call_ids)
+                kwargs["logit_bias"] = {str(i): -100 for i in call_ids}
         if ep.api == "completions":
             kwargs["prompt"] = (prefix or "") + request.answer
             api = "completions"

@@ -138,6 +138,8 @@ class RelayNodes:
         gen: Generation | None,
         error: Exception | None,
     ) -> dict[str, Any]:
+        if gen is not None and gen.error is not None and not gen.text:
+            gen, error = None, gen.error  # broke before any text: nothing was answered
         failed = error if gen is None else gen.error
         if failed is not None and self.config.on_teacher_failure == "raise":
             raise failed

@@ -118,7 +118,7 @@ async def test_the_budget_persists_across_turns_of_a_thread(scripted: ScriptedSe
     assert second["budget"]["exhausted"] is True
     # The declined call left the student's context and calls were blocked (vLLM bad_words).
     last_student = generation_requests(scripted, "student")[-1]
-    assert last_student["body"]["bad_words"] == ["<call>"]
+    assert last_student["body"]["bad_words"] == ["<call>", "</call>"]
     assert "<call>2</call>" not in last_student["prompt"]
     assert state["messages"][-1].text == "b 9 c end."
 
@@ -150,7 +150,7 @@ async def test_a_dead_teacher_costs_seconds_and_is_reported(scripted: ScriptedSe
     assert [e.kind for e in result.events] == ["teacher_failure"]
     assert "teacher unavailable" in result.events[0].message
     resumed = generation_requests(scripted, "student")[-1]
-    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == ["<call>"]
+    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == ["<call>", "</call>"]
 
 
 async def test_transient_teacher_errors_are_retried(scripted: ScriptedServer) -> None:
@@ -274,7 +274,7 @@ async def test_logit_bias_suppression(scripted: ScriptedServer) -> None:
     result = await arelay("Q-bias", config)
     assert result.text == "a b c"
     resumed = generation_requests(scripted, "student")[-1]
-    assert list(resumed["body"]["logit_bias"].values()) == [-100]
+    assert list(resumed["body"]["logit_bias"].values()) == [-100, -100]
 
 
 async def test_concurrent_conversations_do_not_mix(scripted: ScriptedServer) -> None:
