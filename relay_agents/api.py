@@ -13,7 +13,7 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
 from relay_agents.config import RelayConfig, identity
-from relay_agents.graph import build_relay_graph
+from relay_agents.graph import RelayContext, build_relay_graph
 from relay_agents.prompts import Message
 
 
@@ -111,6 +111,9 @@ def _graph(config: RelayConfig, checkpointer: BaseCheckpointSaver | None) -> Com
     return _shared_graph(identity(config))
 
 
+_WHOLE = RelayContext(stream_tokens=False)
+
+
 def _inputs(question: Question) -> dict[str, Any]:
     if isinstance(question, str):
         return {"messages": [{"role": "user", "content": question}]}
@@ -131,7 +134,8 @@ def relay(
     thread_id: str | None = None,
 ) -> RelayResult:
     """Relay one answer (blocking). With ``checkpointer`` and ``thread_id`` the budget persists."""
-    state = _graph(config, checkpointer).invoke(_inputs(question), _run_config(thread_id, checkpointer))
+    graph = _graph(config, checkpointer)
+    state = graph.invoke(_inputs(question), _run_config(thread_id, checkpointer), context=_WHOLE)
     return RelayResult.from_message(state["messages"][-1])
 
 
@@ -144,7 +148,7 @@ async def arelay(
 ) -> RelayResult:
     """Relay one answer."""
     graph = _graph(config, checkpointer)
-    state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer))
+    state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=_WHOLE)
     return RelayResult.from_message(state["messages"][-1])
 
 

@@ -9,6 +9,7 @@ Model text is streamed through the ``custom`` stream mode as ``{"source", "text"
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage
@@ -18,6 +19,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import get_runtime
 
 from relay_agents.answer import (
     AnswerState,
@@ -38,6 +40,26 @@ from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, clie
 from relay_agents.config import RelayConfig
 from relay_agents.prompts import protocol_messages, to_openai_messages
 from relay_agents.protocol import CleanTextFilter
+
+
+@dataclass(frozen=True)
+class RelayContext:
+    """Run-time options (LangGraph ``context``).
+
+    ``stream_tokens``: stream model replies token by token into the ``custom`` stream mode
+    (the default). ``relay()``/``arelay()`` turn it off: whole replies are cheaper for vLLM.
+    """
+
+    stream_tokens: bool = True
+
+
+def _stream_tokens() -> bool:
+    context = get_runtime().context
+    if context is None:
+        return True
+    if isinstance(context, dict):
+        return bool(context.get("stream_tokens", True))
+    return context.stream_tokens
 
 
 class MessagesState(TypedDict):
@@ -78,9 +100,11 @@ class _TeacherCall:
     def __init__(self, answer: AnswerState, writer: Writer) -> None:
         self.held = held_student_text(answer)
         self.writer = writer
+        self.streamed = False
 
     def on_text(self, delta: str) -> None:
         self.flush_held()
+        self.streamed = True
         self.writer({"source": "teacher", "text": delta})
 
     def flush_held(self) -> None:
@@ -121,12 +145,20 @@ class RelayNodes:
 
     def student(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        gen = self.student_client.generate(student_request(state["answer"], self.config), turn.on_text)
+        live = _stream_tokens()
+        request = student_request(state["answer"], self.config)
+        gen = self.student_client.generate(request, turn.on_text if live else None)
+        if not live:
+            turn.on_text(gen.text)
         return self._after_student(state, turn, gen)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        gen = await self.student_client.agenerate(student_request(state["answer"], self.config), turn.on_text)
+        live = _stream_tokens()
+        request = student_request(state["answer"], self.config)
+        gen = await self.student_client.agenerate(request, turn.on_text if live else None)
+        if not live:
+            turn.on_text(gen.text)
         return self._after_student(state, turn, gen)
 
     # teacher -------------------------------------------------------------------------
@@ -145,6 +177,8 @@ class RelayNodes:
             raise failed
         if gen is not None:
             call.flush_held()
+            if gen.text and not call.streamed:
+                call.writer({"source": "teacher", "text": gen.text})
         answer, ledger, deltas = finish_teacher_call(
             state["answer"], state["ledger"], self.config, gen, error
         )
@@ -153,18 +187,20 @@ class RelayNodes:
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
         call = _TeacherCall(state["answer"], get_stream_writer())
+        live = _stream_tokens()
         try:
-            gen = self.teacher_client.generate(teacher_request(state["answer"], self.config), call.on_text)
+            request = teacher_request(state["answer"], self.config)
+            gen = self.teacher_client.generate(request, call.on_text if live else None)
         except STREAM_ERRORS as exc:
             return self._after_teacher(state, call, None, exc)
         return self._after_teacher(state, call, gen, None)
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
         call = _TeacherCall(state["answer"], get_stream_writer())
+        live = _stream_tokens()
         try:
-            gen = await self.teacher_client.agenerate(
-                teacher_request(state["answer"], self.config), call.on_text
-            )
+            request = teacher_request(state["answer"], self.config)
+            gen = await self.teacher_client.agenerate(request, call.on_text if live else None)
         except STREAM_ERRORS as exc:
             return self._after_teacher(state, call, None, exc)
         return self._after_teacher(state, call, gen, None)
@@ -215,7 +251,9 @@ def build_relay_graph(
     ``invoke`` and ``ainvoke`` work (each node has a sync and an async body).
     """
     nodes = RelayNodes(config)
-    builder = StateGraph(RelayState, input_schema=MessagesState, output_schema=MessagesState)
+    builder = StateGraph(
+        RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
+    )
     builder.add_node("begin", nodes.begin)
     builder.add_node("student", RunnableLambda(nodes.student, afunc=nodes.astudent, name="student"))
     builder.add_node("teacher", RunnableLambda(nodes.teacher, afunc=nodes.ateacher, name="teacher"))

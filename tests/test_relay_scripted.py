@@ -89,6 +89,25 @@ async def test_streamed_text_equals_the_result(scripted: ScriptedServer) -> None
     assert teacher_text == " 408 409"
 
 
+async def test_whole_replies_unless_streaming(scripted: ScriptedServer) -> None:
+    script_twice(scripted, "Q-whole")
+    await arelay("Q-whole", relay_config(scripted))
+    assert not any(r["body"].get("stream") for r in generation_requests(scripted, "student"))
+    script_twice(scripted, "Q-live")
+    stream = astream_relay("Q-live", relay_config(scripted))
+    _ = [d async for d in stream]
+    live = [r for r in generation_requests(scripted, "student") if "Q-live" in r["prompt"]]
+    assert live and all(r["body"]["stream"] is True for r in live)
+    assert all(r["body"]["stream_options"] == {"include_usage": True} for r in live)
+
+
+async def test_a_dropped_connection_before_any_byte_is_retried(scripted: ScriptedServer) -> None:
+    script_twice(scripted, "Q-drop-whole")
+    scripted.faults("teacher", ["drop"])
+    result = await arelay("Q-drop-whole", relay_config(scripted))
+    assert result.events == [] and result.usage.teacher_calls == 2
+
+
 def test_sync_stream(scripted: ScriptedServer) -> None:
     script_twice(scripted)
     stream = stream_relay("Q-twice", relay_config(scripted))
@@ -185,7 +204,10 @@ async def test_a_teacher_stream_that_drops_keeps_what_arrived(scripted: Scripted
     scripted.script("student", "Q-drop", ["x <call>5</call>", " y"])
     scripted.script("teacher", "Q-drop", [" 1 2 3 4 5"])
     scripted.faults("teacher", ["drop"])
-    result = await arelay("Q-drop", relay_config(scripted))
+    stream = astream_relay("Q-drop", relay_config(scripted))
+    streamed = "".join([d.text async for d in stream])
+    result = stream.result
+    assert result is not None and streamed == result.text
     assert [e.kind for e in result.events] == ["teacher_failure"]
     assert "broke after 2 tokens" in result.events[0].message
     assert result.usage.teacher_tokens == 2
