@@ -13,6 +13,8 @@ from relay_agents.testing import ScriptedServer
 from tests.conftest import CHATML
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The console script installed next to this interpreter (the venv need not be activated).
+CLI = str(Path(sys.executable).parent / "relay-agents")
 
 
 def relay_env(server: ScriptedServer, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -34,7 +36,7 @@ def test_ask_prints_the_answer_and_usage(scripted: ScriptedServer, tmp_path: Pat
     scripted.script("student", "Q-cli", ["So 12*34 = <call>3</call>", ". \\boxed{408}"])
     scripted.script("teacher", "Q-cli", [" 408 and so on"])
     env = relay_env(scripted, tmp_path)
-    out = run(["relay-agents", "ask", "Q-cli", "--config", env["RELAY_CONFIG"]], env)
+    out = run([CLI, "ask", "Q-cli", "--config", env["RELAY_CONFIG"]], env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "So 12*34 = 408. \\boxed{408}"
     assert "teacher 3 tokens in 1 calls" in out.stderr
@@ -44,7 +46,7 @@ def test_ask_json(scripted: ScriptedServer, tmp_path: Path) -> None:
     scripted.script("student", "Q-json", ["So 12*34 = <call>3</call>", ". \\boxed{408}"])
     scripted.script("teacher", "Q-json", [" 408 and so on"])
     env = relay_env(scripted, tmp_path)
-    out = run(["relay-agents", "ask", "Q-json", "--json", "-c", env["RELAY_CONFIG"]], env)
+    out = run([CLI, "ask", "Q-json", "--json", "-c", env["RELAY_CONFIG"]], env)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["text"] == "So 12*34 = 408. \\boxed{408}"
@@ -55,7 +57,7 @@ def test_ask_json(scripted: ScriptedServer, tmp_path: Path) -> None:
 def test_ask_with_a_bad_config_names_the_field(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update({"RELAY_STUDENT_BASE_URL": "nope", "RELAY_STUDENT_MODEL": "s"})
-    out = run(["relay-agents", "ask", "hi"], env)
+    out = run([CLI, "ask", "hi"], env)
     assert out.returncode == 2
     assert "student.base_url" in out.stderr and "teacher" in out.stderr
 
@@ -72,7 +74,7 @@ def test_ask_when_the_student_is_down(tmp_path: Path) -> None:
             "RELAY_TEACHER_MODEL": "t",
         }
     )
-    out = run(["relay-agents", "ask", "hi"], env)
+    out = run([CLI, "ask", "hi"], env)
     assert out.returncode == 1
     assert "student endpoint failed" in out.stderr and "APIConnectionError" in out.stderr
 
