@@ -64,7 +64,7 @@ from relay_agents.tiny.tasks import Problem, eval_problems, is_correct, teacher_
 BLOCK = 128
 #: padding levels: this many empty system messages (~9 tokens each) before the prior turns; the
 #: second level puts resume prompts just past two blocks, where the block-aligned ceiling is ~90-95%
-EMPTY_SYSTEM = (0, 3)
+EMPTY_SYSTEM = (0,)
 CACHE_ANSWER_TOKENS = 96  # padded prompts (~250 tokens) + answer must fit the 512-token context
 _METRIC_RE = re.compile(r"^(vllm:prefix_cache_(?:queries|hits)_total)\{[^}]*\}\s+(\S+)$", re.M)
 
@@ -82,19 +82,39 @@ def read_cache_counters(metrics_url: str) -> tuple[float, float]:
 
 @dataclass
 class CacheLog:
-    """Per student request: (kind, prompt tokens, queried tokens, hit tokens)."""
+    """Per student request: kind, prompt tokens, completion tokens, queried and hit tokens.
 
-    rows: list[tuple[str, int, float, float]] = field(default_factory=list)
+    ``reusable`` counts, for each resume request, the prompt tokens in whole 128-token blocks
+    that the conversation's previous student request had already computed (its prompt plus
+    what it generated): the most a prefix cache can serve if the re-sent prefix is byte-identical.
+    Conversations run one at a time, so the previous row is the same conversation's.
+    """
 
-    def add(self, kind: str, prompt_tokens: int, before: tuple[float, float], after: tuple[float, float]):
-        self.rows.append((kind, prompt_tokens, after[0] - before[0], after[1] - before[1]))
+    rows: list[tuple[str, int, int, float, float, int]] = field(default_factory=list)
+
+    def add(
+        self,
+        kind: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        before: tuple[float, float],
+        after: tuple[float, float],
+    ) -> None:
+        reusable = 0
+        if kind == "resume" and self.rows:
+            _, prev_prompt, prev_completion, *_ = self.rows[-1]
+            reusable = min(prompt_tokens - 1, prev_prompt + prev_completion) // BLOCK * BLOCK
+        self.rows.append(
+            (kind, prompt_tokens, completion_tokens, after[0] - before[0], after[1] - before[1], reusable)
+        )
 
     def summary(self, kind: str) -> dict:
         rows = [r for r in self.rows if r[0] == kind]
         prompt = sum(r[1] for r in rows)
-        queries = sum(r[2] for r in rows)
-        hits = sum(r[3] for r in rows)
+        queries = sum(r[3] for r in rows)
+        hits = sum(r[4] for r in rows)
         ceiling = sum((r[1] - 1) // BLOCK * BLOCK for r in rows)
+        reusable = sum(r[5] for r in rows)
         return {
             "requests": len(rows),
             "prompt_tokens": prompt,
@@ -103,6 +123,7 @@ class CacheLog:
             "hit_rate": hits / queries if queries else None,
             "ceiling": ceiling / prompt if prompt else None,
             "hits_over_ceiling": hits / ceiling if ceiling else None,
+            "hits_over_reusable": hits / reusable if reusable else None,
             "mean_prompt_tokens": prompt / len(rows) if rows else None,
         }
 
@@ -148,7 +169,13 @@ class NaiveLoop:
         )
         if self.cache_log is not None:
             after = read_cache_counters(self.metrics_url)
-            self.cache_log.add("resume" if resume else "first", r.usage.prompt_tokens, before, after)
+            self.cache_log.add(
+                "resume" if resume else "first",
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                before,
+                after,
+            )
         return r.choices[0].text
 
     def generate(self, question, max_rounds: int = 10) -> str:
@@ -239,7 +266,13 @@ def relay_cache_phase(cfg: RelayConfig, metrics_url: str, questions: list, log: 
         before = await asyncio.to_thread(read_cache_counters, metrics_url)
         gen = await original(request, on_text)
         after = await asyncio.to_thread(read_cache_counters, metrics_url)
-        log.add("resume" if request.answer else "first", gen.prompt_tokens, before, after)
+        log.add(
+            "resume" if request.answer else "first",
+            gen.prompt_tokens,
+            gen.completion_tokens,
+            before,
+            after,
+        )
         return gen
 
     student.agenerate = instrumented
@@ -320,8 +353,8 @@ def table(r: dict) -> str:
         "(`vllm:prefix_cache_{queries,hits}_total` read around each student request):",
         "",
         "| loop | requests | answers / accuracy | mean prompt tokens | hits / queried tokens | hit rate "
-        "| block-aligned ceiling | hits / ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "| block-aligned ceiling | hits / ceiling | hits / reusable |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [
         (lv, name, kind) for lv in pc["levels"] for name in ("naive", "relay") for kind in ("resume", "first")
@@ -330,10 +363,10 @@ def table(r: dict) -> str:
         v, s = level[name], level[name][kind]
         mean = "n/a" if s["mean_prompt_tokens"] is None else f"{s['mean_prompt_tokens']:.0f}"
         lines.append(
-            f"| {name} {kind}, +{level['empty_system_messages']} empty system | {s['requests']} "
+            f"| {name} {kind} | {s['requests']} "
             f"| {v['answers']} / {v['accuracy']:.0%} | {mean} "
             f"| {s['hit_tokens']:.0f} / {s['queried_tokens']:.0f} | {_pct(s['hit_rate'])} "
-            f"| {_pct(s['ceiling'])} | {_pct(s['hits_over_ceiling'])} |"
+            f"| {_pct(s['ceiling'])} | {_pct(s['hits_over_ceiling'])} | {_pct(s['hits_over_reusable'])} |"
         )
     hits = [v["cache_hit_tokens_during_runs"] for v in r["throughput"].values()]
     lines += ["", f"Cache-hit tokens during the throughput runs (prompts under one block): {hits}."]
