@@ -139,3 +139,32 @@ async def test_prompt_from_the_servers_template(tiny_servers, problems) -> None:
     a = await arelay(problems[1].question, local)
     b = await arelay(problems[1].question, remote)
     assert a.text == b.text and a.usage.student_prompt_tokens == b.usage.student_prompt_tokens
+
+
+async def test_resume_requests_reuse_the_prefix_cache(tiny_servers) -> None:
+    """Each resume re-sends the answer so far byte for byte, so vLLM serves it from its cache.
+
+    CPU blocks hold 128 tokens, and a tiny-world prompt is ~40: an earlier solved problem as
+    chat history pushes it past one block. That history confuses the tiny student (its sums go
+    wrong and it calls less often), so the test takes the first conversation that calls.
+    """
+    config = tiny_servers.relay_config(max_answer_tokens=120)
+    student = tiny_servers.student
+    hits = "vllm:prefix_cache_hits_total"
+    for seed in range(20, 40):
+        prior = tasks.eval_problems(1, seed=seed)[0]
+        messages = [
+            {"role": "user", "content": prior.user_message},
+            {"role": "assistant", "content": tasks.teacher_solution(prior)},
+            {"role": "user", "content": tasks.eval_problems(1, seed=seed + 100)[0].question},
+        ]
+        before = counter(student, hits)
+        result = await arelay(messages, config)
+        if result.usage.teacher_calls:
+            break
+    else:
+        pytest.fail("no conversation with history made the tiny student call")
+    first_prompt = result.usage.student_prompt_tokens // (result.usage.teacher_calls + 1)
+    assert first_prompt > 128  # past one block
+    # The first request's prompt is new; every resume finds at least its first full block cached.
+    assert counter(student, hits) - before >= 128 * result.usage.teacher_calls
