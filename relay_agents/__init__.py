@@ -13,12 +13,14 @@ from relay_agents.api import (
     relay,
     stream_relay,
 )
+from relay_agents.chat_model import ChatRelay
 from relay_agents.config import Budget, ConfigError, Endpoint, RelayConfig, load_config
 from relay_agents.graph import build_relay_graph
 
 __all__ = [
     "Budget",
     "BudgetState",
+    "ChatRelay",
     "ConfigError",
     "Endpoint",
     "RelayConfig",
