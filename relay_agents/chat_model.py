@@ -16,6 +16,11 @@ before the first stop sequence. The models still write the whole answer (the rel
 stop them early), so ``usage_metadata`` and ``response_metadata["relay"]`` describe the full,
 uncut answer; ``response_metadata["stop_sequence"]`` names the sequence that cut the reply.
 
+The relay graph runs as a private detail of each call: inside a user's LangGraph node it does
+not inherit the node's checkpointer, thread, stream writer or callbacks (tokens still reach the
+parent's ``messages`` stream mode through this model's callbacks; the graph's inner nodes are not
+traced). Per-conversation budgets across calls come with the budget stores (not yet).
+
 Tool calling and structured output are not supported: the relay continues one plain-text
 answer across two models, and neither endpoint is asked for tool calls.
 """
