@@ -9,6 +9,7 @@ Reported, side by side in one run:
   the model-call time is the same five requests replayed right after with the bare openai SDK
   (streaming, every chunk read);
 * wall time / model-call time at concurrency 1;
+* both for whole replies (``arelay``) and for token streaming (``astream_relay``);
 * answers/s at 1, 16, 64 and 256 concurrent conversations and the share of linear scaling.
 
     python benchmarks/orchestration.py [--latency-ms 100] [--answers 200]
@@ -28,7 +29,7 @@ from itertools import count
 
 import openai
 
-from relay_agents import Endpoint, RelayConfig, arelay
+from relay_agents import Endpoint, RelayConfig, arelay, astream_relay
 from relay_agents.testing import ScriptedServer
 
 CHATML = (
@@ -62,11 +63,19 @@ def script(server: ScriptedServer, n: int) -> list[str]:
     return keys
 
 
-async def timed(key: str, cfg: RelayConfig) -> float:
+async def timed(key: str, cfg: RelayConfig, *, streamed: bool = False) -> float:
+    """One answer: whole replies (``arelay``) or token streaming (``astream_relay``)."""
     started = time.perf_counter()
-    result = await arelay(key, cfg)
+    if streamed:
+        stream = astream_relay(key, cfg)
+        async for _delta in stream:
+            pass
+        result = stream.result
+    else:
+        result = await arelay(key, cfg)
     elapsed = time.perf_counter() - started
-    assert result.usage.teacher_calls == 2 and result.text.endswith("\\boxed{409}."), result
+    assert result is not None and result.usage.teacher_calls == 2, result
+    assert result.text.endswith("\\boxed{409}."), result
     return elapsed
 
 
@@ -81,18 +90,19 @@ async def replay(server: ScriptedServer, client: openai.AsyncOpenAI, key: str, b
     for body in bodies:
         params = {k: v for k, v in body.items() if k in _SDK_PARAMS}
         extra = {k: v for k, v in body.items() if k not in _SDK_PARAMS}
-        stream = await client.completions.create(**params, extra_body=extra)
-        async for _chunk in stream:
-            pass
+        reply = await client.completions.create(**params, extra_body=extra)
+        if params.get("stream"):
+            async for _chunk in reply:
+                pass
     return time.perf_counter() - started
 
 
-async def sequential(server: ScriptedServer, cfg: RelayConfig, answers: int) -> dict:
+async def sequential(server: ScriptedServer, cfg: RelayConfig, answers: int, *, streamed: bool) -> dict:
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
     walls, models = [], []
     for i, key in enumerate(script(server, answers + 1)):
         seen = len(server.requests())
-        wall = await timed(key, cfg)
+        wall = await timed(key, cfg, streamed=streamed)
         bodies = [r["body"] for r in server.requests()[seen:]]
         assert len(bodies) == REQUESTS_PER_ANSWER
         model = await replay(server, client, key, bodies)
@@ -124,13 +134,14 @@ async def concurrent(server: ScriptedServer, cfg: RelayConfig, conversations: in
 async def main(latency_ms: float, answers: int) -> dict:
     latency = latency_ms / 1000
     with ScriptedServer() as server:
-        server.configure(ttft_s=latency)
+        server.configure(ttft_s=latency, latency_s=latency)
         cfg = config(server)
-        seq = await sequential(server, cfg, answers)
+        seq = await sequential(server, cfg, answers, streamed=False)
+        live = await sequential(server, cfg, answers, streamed=True)
         levels = {}
         for conversations in (1, 16, 64, 256):
             server.reset()
-            server.configure(ttft_s=latency)
+            server.configure(ttft_s=latency, latency_s=latency)
             rounds = max(2, 256 // conversations)
             levels[conversations] = await concurrent(server, cfg, conversations, rounds)
     base = levels[1]
@@ -139,6 +150,7 @@ async def main(latency_ms: float, answers: int) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "latency_ms": latency_ms,
         **seq,
+        "streamed": live,
         "throughput": {
             str(c): {"answers_per_s": tput, "linear_share": tput / (c * base)} for c, tput in levels.items()
         },
@@ -155,6 +167,9 @@ def table(r: dict) -> str:
         f"| orchestration overhead per round, p50 | {r['overhead_ms_p50']:.2f} ms |",
         f"| orchestration overhead per round, p99 | {r['overhead_ms_p99']:.2f} ms |",
         f"| wall time / model-call time, concurrency 1 | {r['wall_over_model']:.3f} |",
+        f"| streamed (`astream_relay`): overhead per round, p50 / p99 "
+        f"| {r['streamed']['overhead_ms_p50']:.2f} / {r['streamed']['overhead_ms_p99']:.2f} ms |",
+        f"| streamed: wall time / model-call time | {r['streamed']['wall_over_model']:.3f} |",
     ]
     for c, v in r["throughput"].items():
         lines.append(
