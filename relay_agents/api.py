@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from functools import lru_cache
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage
@@ -12,8 +11,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
-from relay_agents.config import RelayConfig, identity
-from relay_agents.graph import RelayContext, build_relay_graph
+from relay_agents.config import RelayConfig
+from relay_agents.graph import RelayContext, build_relay_graph, shared_relay_graph
 from relay_agents.prompts import Message
 
 
@@ -100,15 +99,10 @@ class RelayDelta(BaseModel):
 Question = str | Sequence[BaseMessage | Message]
 
 
-@lru_cache(maxsize=64)
-def _shared_graph(config_key: str) -> CompiledStateGraph:
-    return build_relay_graph(RelayConfig.model_validate_json(config_key))
-
-
 def _graph(config: RelayConfig, checkpointer: BaseCheckpointSaver | None) -> CompiledStateGraph:
     if checkpointer is not None:
         return build_relay_graph(config, checkpointer=checkpointer)
-    return _shared_graph(identity(config))
+    return shared_relay_graph(config)
 
 
 _WHOLE = RelayContext(stream_tokens=False)

@@ -28,7 +28,6 @@ answer across two models, and neither endpoint is asked for tool calls.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from functools import lru_cache
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -41,8 +40,8 @@ from langchain_core.utils import secret_from_env
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
-from relay_agents.config import Endpoint, RelayConfig, identity
-from relay_agents.graph import RelayContext, build_relay_graph
+from relay_agents.config import Endpoint, RelayConfig
+from relay_agents.graph import RelayContext, shared_relay_graph
 
 __all__ = ["ChatRelay"]
 
@@ -61,15 +60,6 @@ _STUDENT_FIELDS = {
 }
 # per-call keyword arguments that change the relay for that call
 _CALL_OVERRIDES = ("model", "temperature", "max_tokens")
-
-
-@lru_cache(maxsize=64)
-def _graph_for(config_key: str) -> CompiledStateGraph:
-    return build_relay_graph(RelayConfig.model_validate_json(config_key))
-
-
-def _cached_graph(config: RelayConfig) -> CompiledStateGraph:
-    return _graph_for(identity(config))
 
 
 class ChatRelay(BaseChatModel):
@@ -139,7 +129,7 @@ class ChatRelay(BaseChatModel):
         config = self._resolve_config()
         self.relay_config = config
         self.model_name = config.student.model
-        self.graph = _cached_graph(config)
+        self.graph = shared_relay_graph(config)
         return self
 
     def _resolve_config(self) -> RelayConfig:
@@ -231,7 +221,7 @@ class ChatRelay(BaseChatModel):
         if "max_tokens" in overrides:
             data["max_answer_tokens"] = overrides["max_tokens"]
         data.update(student=Endpoint.model_validate(student), teacher=config.teacher)
-        return _cached_graph(RelayConfig.model_validate(data))
+        return shared_relay_graph(RelayConfig.model_validate(data))
 
     @staticmethod
     def _extra_metadata(kwargs: dict[str, Any]) -> dict[str, Any]:

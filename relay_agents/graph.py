@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage
@@ -37,7 +38,7 @@ from relay_agents.answer import (
     teacher_request,
 )
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
-from relay_agents.config import RelayConfig
+from relay_agents.config import RelayConfig, identity
 from relay_agents.prompts import protocol_messages, to_openai_messages
 from relay_agents.protocol import CleanTextFilter
 
@@ -230,6 +231,16 @@ class RelayNodes:
 
 def _route(state: RelayState) -> str:
     return route(state["answer"])
+
+
+@lru_cache(maxsize=64)
+def _shared_graph(config_key: str) -> CompiledStateGraph:
+    return build_relay_graph(RelayConfig.model_validate_json(config_key))
+
+
+def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
+    """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
+    return _shared_graph(identity(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:
