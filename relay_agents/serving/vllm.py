@@ -34,6 +34,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relay_agents.cache import cache_root
+
 if TYPE_CHECKING:
     from relay_agents.config import RelayConfig
 
@@ -62,8 +64,6 @@ def _free_port() -> int:
 
 
 def _default_log_dir() -> Path:
-    from relay_agents.tiny.build import cache_root
-
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return cache_root() / "logs" / f"vllm-{stamp}-{os.getpid()}"
 
