@@ -23,7 +23,6 @@ so adding a model to the recipe only trains the new one; ``force=True`` retrains
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from relay_agents.cache import cache_root, file_lock, sha256_file
 
 from . import tasks
 from .tokenizer import (
@@ -150,28 +151,14 @@ class TinyPair:
         return self.student_dir.parent
 
 
-def cache_root() -> Path:
-    """``$RELAY_AGENTS_CACHE`` or ``~/.cache/relay-agents``."""
-    env = os.environ.get("RELAY_AGENTS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "relay-agents"
-
-
 # --------------------------------------------------------------------------- manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_manifest(root: Path, digest: str, recipe: Recipe, stats: dict[str, Any]) -> None:
     files = {}
     for sub in MODEL_NAMES:
         for name in MODEL_FILES:
-            files[f"{sub}/{name}"] = _sha256(root / sub / name)
+            files[f"{sub}/{name}"] = sha256_file(root / sub / name)
     manifest = {
         "recipe_hash": digest,
         "recipe": dataclasses.asdict(recipe),
@@ -195,7 +182,7 @@ def verify_pair(root: Path, digest: str) -> bool:
         expected = {f"{s}/{n}" for s in MODEL_NAMES for n in MODEL_FILES}
         if set(files) != expected:
             return False
-        return all(_sha256(root / rel) == sha for rel, sha in files.items())
+        return all(sha256_file(root / rel) == sha for rel, sha in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -375,7 +362,7 @@ def _reuse_model(base: Path, root: Path, name: str, mr: ModelRecipe, recipe: Rec
     """
     want = json.loads(json.dumps(dataclasses.asdict(recipe)))
     want_mr = json.loads(json.dumps(dataclasses.asdict(mr)))
-    tok_sha = _sha256(root / "tokenizer.json")
+    tok_sha = sha256_file(root / "tokenizer.json")
     for other in sorted(base.iterdir()):
         if other.name.startswith(".") or other == root or not other.is_dir():
             continue
@@ -393,7 +380,7 @@ def _reuse_model(base: Path, root: Path, name: str, mr: ModelRecipe, recipe: Rec
             (root / name).mkdir(parents=True, exist_ok=True)
             for f in MODEL_FILES:
                 shutil.copyfile(other / name / f, root / name / f)
-            if all(_sha256(root / name / f) == files[f"{name}/{f}"] for f in MODEL_FILES):
+            if all(sha256_file(root / name / f) == files[f"{name}/{f}"] for f in MODEL_FILES):
                 stats = dict(manifest.get("stats", {}).get(name, {}))
                 stats["reused_from"] = manifest["recipe_hash"]
                 log.info("reusing %s from %s (same recipe and tokenizer)", name, other)
@@ -426,19 +413,6 @@ def _build_into(root: Path, recipe: Recipe, *, reuse_from: Path | None = None) -
     return stats
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def build_tiny_pair(
     cache_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
@@ -457,7 +431,7 @@ def build_tiny_pair(
     pair = TinyPair(student_dir=final / "student", teacher_dir=final / "teacher", solo_dir=final / "solo")
     if not force and verify_pair(final, digest):
         return pair
-    with _lock(base / f".{digest}.lock"):
+    with file_lock(base / f".{digest}.lock"):
         if not force and verify_pair(final, digest):
             return pair
         # leftovers of killed builds of this recipe (we hold the lock: none is running)
