@@ -164,12 +164,17 @@ async def test_a_dead_teacher_costs_seconds_and_is_reported(scripted: ScriptedSe
     )
     started = time.monotonic()
     result = await arelay("Q-dead", config)
-    assert time.monotonic() - started < 2.5  # the default retry settings: two retries, then the student goes on
+    assert (
+        time.monotonic() - started < 2.5
+    )  # the default retry settings: two retries, then the student goes on
     assert result.text == "So x = 5 by myself."
     assert [e.kind for e in result.events] == ["teacher_failure"]
     assert "teacher unavailable" in result.events[0].message
     resumed = generation_requests(scripted, "student")[-1]
-    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == ["<call>", "</call>"]
+    assert resumed["prompt"].endswith("assistant\nSo x = ") and resumed["body"]["bad_words"] == [
+        "<call>",
+        "</call>",
+    ]
 
 
 async def test_transient_teacher_errors_are_retried(scripted: ScriptedServer) -> None:
