@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -34,3 +36,38 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+MANIFEST = "manifest.json"
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_manifest(root: Path, keys: dict[str, Any], files: Iterable[str], **extra: Any) -> None:
+    """Seal a built directory: checksums of ``files`` (relative to ``root``), the ``keys`` that
+    identify what was built, and ``extra`` details, written last and atomically."""
+    files = list(files)
+    for rel in files:
+        _fsync(root / rel)
+    manifest = {**keys, "files": {rel: sha256_file(root / rel) for rel in files}, **extra}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync(tmp)
+    tmp.rename(root / MANIFEST)
+
+
+def verify_manifest(root: Path, keys: dict[str, Any], files: Iterable[str]) -> bool:
+    """Whether ``root`` is a complete build of ``keys``: every file present and unchanged."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        if any(manifest.get(name) != value for name, value in keys.items()):
+            return False
+        checksums = manifest["files"]
+        if set(checksums) != set(files):
+            return False
+        return all(sha256_file(root / rel) == sha for rel, sha in checksums.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False

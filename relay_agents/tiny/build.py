@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay_agents.cache import cache_root, file_lock, sha256_file
+from relay_agents.cache import MANIFEST, cache_root, file_lock, sha256_file, verify_manifest, write_manifest
 
 from . import tasks
 from .tokenizer import (
@@ -54,7 +54,6 @@ from .tokenizer import (
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1
-MANIFEST = "manifest.json"
 #: the models of a build, in training order; each is a sub-directory of the build
 MODEL_NAMES = ("teacher", "student", "solo")
 MODEL_FILES = (
@@ -154,37 +153,19 @@ class TinyPair:
 # --------------------------------------------------------------------------- manifest
 
 
+def _model_files() -> list[str]:
+    return [f"{sub}/{name}" for sub in MODEL_NAMES for name in MODEL_FILES]
+
+
 def _write_manifest(root: Path, digest: str, recipe: Recipe, stats: dict[str, Any]) -> None:
-    files = {}
-    for sub in MODEL_NAMES:
-        for name in MODEL_FILES:
-            files[f"{sub}/{name}"] = sha256_file(root / sub / name)
-    manifest = {
-        "recipe_hash": digest,
-        "recipe": dataclasses.asdict(recipe),
-        "files": files,
-        "stats": stats,
-    }
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.rename(root / MANIFEST)
+    write_manifest(
+        root, {"recipe_hash": digest}, _model_files(), recipe=dataclasses.asdict(recipe), stats=stats
+    )
 
 
 def verify_pair(root: Path, digest: str) -> bool:
     """Whether ``root`` holds a complete build (teacher, student, solo) of recipe hash ``digest``."""
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        if manifest.get("recipe_hash") != digest:
-            return False
-        files = manifest["files"]
-        expected = {f"{s}/{n}" for s in MODEL_NAMES for n in MODEL_FILES}
-        if set(files) != expected:
-            return False
-        return all(sha256_file(root / rel) == sha for rel, sha in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return verify_manifest(root, {"recipe_hash": digest}, _model_files())
 
 
 def read_stats(pair: TinyPair) -> dict[str, Any]:
