@@ -13,6 +13,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from relay_agents import Budget, arelay, astream_relay, build_relay_graph, relay, stream_relay
 from relay_agents.testing import ScriptedServer
+from relay_agents.testing.scripted_server import render_chat
 from tests.conftest import relay_config
 
 TWICE_STUDENT = [
@@ -287,8 +288,12 @@ async def test_prompt_rendered_by_the_server(scripted: ScriptedServer) -> None:
     config = relay_config(scripted, student={"chat_template": None}, teacher={"chat_template": None})
     result = await arelay("Q-server-template", config)
     assert result.text.startswith("First 12*34 = 408.")
-    paths = [r["path"] for r in scripted.requests()]
-    assert "/v1/completions" in paths
+    # The prompt is exactly the server's own chat template over the protocol's messages.
+    user = "Q-server-template\nPlease reason step by step, and put your final answer within \\boxed{}."
+    expected = render_chat([{"role": "user", "content": user}])
+    first_student = generation_requests(scripted, "student")[0]
+    assert first_student["body"]["prompt"] == expected
+    assert generation_requests(scripted, "teacher")[0]["body"]["prompt"] == expected + "First 12*34 ="
 
 
 async def test_logit_bias_suppression(scripted: ScriptedServer) -> None:
