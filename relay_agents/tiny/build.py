@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay_agents.cache import MANIFEST, cache_root, file_lock, sha256_file, verify_manifest, write_manifest
+from relay_agents.cache import (
+    HF_MODEL_FILES,
+    MANIFEST,
+    cache_root,
+    file_lock,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 
 from . import tasks
 from .tokenizer import (
@@ -56,14 +64,7 @@ log = logging.getLogger(__name__)
 BUILD_VERSION = 1
 #: the models of a build, in training order; each is a sub-directory of the build
 MODEL_NAMES = ("teacher", "student", "solo")
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+MODEL_FILES = (*HF_MODEL_FILES, "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
