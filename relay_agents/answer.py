@@ -6,9 +6,18 @@ plain data out (JSON-friendly dicts, so any LangGraph checkpointer can persist i
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, TypedDict
 
+from relay_agents.budgets.limits import (
+    CallQuote,
+    ScopedGrant,
+    ScopeKind,
+    Spend,
+    exhausted,
+    grant_across,
+    has_limits,
+    remaining,
+)
 from relay_agents.clients import Generation, Request
 from relay_agents.config import Budget, RelayConfig
 from relay_agents.prompts import Message
@@ -37,12 +46,19 @@ class EventDict(TypedDict, total=False):
     requested: int
     granted: int
     reason: str
+    scope: str
+
+
+class ReservationDict(TypedDict):
+    id: str
+    keys: list[str]
 
 
 class CallDict(TypedDict):
     requested: int
     granted: int
     view_before_command: int
+    reservation: ReservationDict | None
 
 
 class Ledger(TypedDict):
@@ -134,13 +150,17 @@ def student_filter(answer: AnswerState) -> CleanTextFilter:
 
 def finish_student_turn(
     answer: AnswerState,
-    ledger: Ledger,
+    ledger: Ledger | None,
     config: RelayConfig,
     generation: Generation,
     streamed: str,
     flt: CleanTextFilter,
 ) -> tuple[AnswerState, list[Delta]]:
-    """Apply a student turn. ``streamed`` is the clean text already emitted by ``flt``."""
+    """Apply a student turn. ``streamed`` is the clean text already emitted by ``flt``.
+
+    ``ledger`` is the thread's spend, checked against ``config.budget``; ``None`` when a
+    budget store checks the conversation instead (:func:`apply_reservation`).
+    """
     a: AnswerState = {**answer, "spans": list(answer["spans"]), "events": list(answer["events"])}
     text = generation.text
     if generation.stop_reason == CALL_CLOSE and not text.endswith(CALL_CLOSE):
@@ -188,23 +208,9 @@ def finish_student_turn(
         _continue_or_stop(a, config, "student")
         return a, deltas
 
-    grant = grant_call(
-        command.tokens,
-        max_call_tokens=config.max_call_tokens,
-        answer_tokens_left=answer_tokens_left(a, config),
-        **budget_left(config.budget, ledger, cost_tokens=_cost_tokens_left(a, ledger, config)),
-        calls_suppressed=a["calls_suppressed"],
-    )
+    grant = _grant(a, ledger, config, command.tokens)
     if grant.declined:
-        a["events"].append(
-            {
-                "kind": "declined_call",
-                "message": f"call for {command.tokens} tokens declined: {_DECLINE_TEXT[grant.declined]}",
-                "requested": command.tokens,
-                "granted": 0,
-                "reason": grant.declined,
-            }
-        )
+        a["events"].append(_decline_event(grant))
         a["student_view"] += command.prefix
         a["calls_suppressed"] = True
         close_turn(False)
@@ -212,19 +218,12 @@ def finish_student_turn(
         return a, deltas
 
     if grant.granted < command.tokens:
-        a["events"].append(
-            {
-                "kind": "truncated_call",
-                "message": f"call for {command.tokens} tokens cut to {grant.granted} ({grant.limited_by})",
-                "requested": command.tokens,
-                "granted": grant.granted,
-                "reason": grant.limited_by or "",
-            }
-        )
+        a["events"].append(_cut_event(grant))
     a["call"] = {
         "requested": command.tokens,
         "granted": grant.granted,
         "view_before_command": len(a["student_view"]) + len(command.prefix),
+        "reservation": None,
     }
     a["student_view"] += text
     a["held"] = flt.pending
@@ -233,13 +232,139 @@ def finish_student_turn(
     return a, deltas
 
 
+def _grant(a: AnswerState, ledger: Ledger | None, config: RelayConfig, requested: int) -> ScopedGrant:
+    """Cut a call to the answer's own limits, the turn budget and (without a store) the thread's."""
+    base = grant_call(
+        requested,
+        max_call_tokens=config.max_call_tokens,
+        answer_tokens_left=answer_tokens_left(a, config),
+        budget_tokens_left=None,
+        budget_calls_left=None,
+        budget_cost_tokens_left=None,
+        calls_suppressed=a["calls_suppressed"],
+    )
+    if base.declined:
+        return ScopedGrant(requested, 0, base.limited_by, base.declined)
+    budgets: list[tuple[ScopeKind, Budget, Spend]] = [
+        ("turn", config.turn_budget, Spend(a["teacher_tokens"], a["teacher_calls"], a["teacher_cost_usd"]))
+    ]
+    if ledger is not None:
+        budgets.append(("conversation", config.budget, ledger_spend(ledger)))
+    scoped = grant_across(call_quote(a, config, base.granted), budgets)
+    if scoped.declined or scoped.granted < base.granted:
+        return ScopedGrant(requested, scoped.granted, scoped.limited_by, scoped.declined, scoped.scope)
+    return ScopedGrant(requested, base.granted, base.limited_by)
+
+
+def call_quote(a: AnswerState, config: RelayConfig, tokens: int) -> CallQuote:
+    """What a teacher call of ``tokens`` may cost.
+
+    The teacher's prompt is estimated from the student's view of the same prompt (same
+    family: the teacher's prompt is never longer), so a cost budget is not overspent.
+    """
+    teacher = config.teacher
+    est_prompt = (
+        a["student_prompt_tokens"] // max(a["student_turns"], 1) + a["student_tokens"] + a["teacher_tokens"]
+    )
+    return CallQuote(
+        tokens,
+        prompt_cost_usd=est_prompt * teacher.input_price_per_million / 1e6,
+        output_price_usd=teacher.output_price_per_million / 1e6,
+    )
+
+
+def ledger_spend(ledger: Ledger) -> Spend:
+    return Spend(ledger["teacher_tokens"], ledger["teacher_calls"], ledger["teacher_cost_usd"])
+
+
+_SCOPE_TEXT: dict[str | None, str] = {
+    "turn": "the answer's",
+    "conversation": "the conversation's",
+    "user": "the user's pooled",
+    None: "the",
+}
 _DECLINE_TEXT = {
     "calls_suppressed": "calls are blocked for the rest of this answer",
-    "budget_tokens": "the conversation's teacher-token budget is spent",
-    "budget_calls": "the conversation's teacher-call budget is spent",
-    "budget_cost": "the conversation's teacher cost budget is spent",
+    "budget_tokens": "{scope} teacher-token budget is spent",
+    "budget_calls": "{scope} teacher-call budget is spent",
+    "budget_cost": "{scope} teacher cost budget is spent",
     "answer_tokens": "the answer has no tokens left",
 }
+
+
+def _decline_event(grant: ScopedGrant) -> EventDict:
+    assert grant.declined is not None
+    why = _DECLINE_TEXT[grant.declined].format(scope=_SCOPE_TEXT[grant.scope])
+    event: EventDict = {
+        "kind": "declined_call",
+        "message": f"call for {grant.requested} tokens declined: {why}",
+        "requested": grant.requested,
+        "granted": 0,
+        "reason": grant.declined,
+    }
+    if grant.scope is not None:
+        event["scope"] = grant.scope
+    return event
+
+
+def _cut_event(grant: ScopedGrant) -> EventDict:
+    limit = grant.limited_by or ""
+    if grant.scope is not None:
+        limit = f"{grant.scope} {limit}"
+    event: EventDict = {
+        "kind": "truncated_call",
+        "message": f"call for {grant.requested} tokens cut to {grant.granted} ({limit})",
+        "requested": grant.requested,
+        "granted": grant.granted,
+        "reason": grant.limited_by or "",
+    }
+    if grant.scope is not None:
+        event["scope"] = grant.scope
+    return event
+
+
+def budget_declined(answer: AnswerState) -> EventDict | None:
+    """The event of a call this student turn saw declined for a spent budget, if any."""
+    events = answer["events"]
+    if events and events[-1]["kind"] == "declined_call" and events[-1].get("reason", "").startswith("budget"):
+        return events[-1]
+    return None
+
+
+def apply_reservation(
+    answer: AnswerState, config: RelayConfig, grant: ScopedGrant, reservation: ReservationDict | None
+) -> tuple[AnswerState, list[Delta]]:
+    """Apply what a budget store granted to the pending call: hold, cut or decline it."""
+    a: AnswerState = {**answer, "events": list(answer["events"]), "spans": list(answer["spans"])}
+    call = a["call"]
+    assert call is not None
+    if grant.declined:
+        a["events"].append(_decline_event(grant))
+        deltas = _withdraw_call(a)
+        _continue_or_stop(a, config, "student")
+        return a, deltas
+    if grant.granted < call["granted"]:
+        a["events"].append(_cut_event(grant))
+    a["call"] = {**call, "granted": grant.granted, "reservation": reservation}
+    return a, []
+
+
+def _withdraw_call(a: AnswerState) -> list[Delta]:
+    """Take back a pending call: its command leaves the student's view, calls stop, and the
+    student's held text is released."""
+    call = a["call"]
+    assert call is not None
+    a["call"] = None
+    a["student_view"] = a["student_view"][: call["view_before_command"]]
+    a["calls_suppressed"] = True
+    flt = CleanTextFilter(pending=a["held"], answer_started=a["started"])
+    a["held"] = ""
+    tail = flt.finish(answered_call=False)
+    a["started"] = flt.answer_started
+    if tail:
+        _add_span(a, "student", tail, 0)
+        return [("student", tail)]
+    return []
 
 
 # --------------------------------------------------------------------------- teacher
@@ -274,15 +399,11 @@ def finish_teacher_call(
     a: AnswerState = {**answer, "spans": list(answer["spans"]), "events": list(answer["events"])}
     call = a["call"]
     assert call is not None
-    a["call"] = None
-    held = a["held"]
-    a["held"] = ""
     deltas: list[Delta] = []
 
     if generation is None:
         # Nothing came back: the command leaves the student's context, calls stop.
-        a["student_view"] = a["student_view"][: call["view_before_command"]]
-        a["calls_suppressed"] = True
+        deltas = _withdraw_call(a)
         a["events"].append(
             {
                 "kind": "teacher_failure",
@@ -291,15 +412,10 @@ def finish_teacher_call(
                 "granted": call["granted"],
             }
         )
-        flt = CleanTextFilter(pending=held, answer_started=a["started"])
-        tail = flt.finish(answered_call=False)
-        if tail:
-            deltas.append(("student", tail))
-            _add_span(a, "student", tail, 0)
-        a["started"] = flt.answer_started
         _continue_or_stop(a, config, "student")
         return a, ledger, deltas
 
+    a["call"], a["held"] = None, ""
     tail = held_student_text(answer)
     if tail:
         _add_span(a, "student", tail, 0)
@@ -370,44 +486,19 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def budget_left(budget: Budget, ledger: Ledger, *, cost_tokens: int | None) -> dict[str, int | None]:
-    return {
-        "budget_tokens_left": None
-        if budget.max_teacher_tokens is None
-        else budget.max_teacher_tokens - ledger["teacher_tokens"],
-        "budget_calls_left": None
-        if budget.max_teacher_calls is None
-        else budget.max_teacher_calls - ledger["teacher_calls"],
-        "budget_cost_tokens_left": cost_tokens,
-    }
+def relay_metadata(
+    answer: AnswerState,
+    ledger: Ledger,
+    config: RelayConfig,
+    store_spent: dict[ScopeKind, Spend] | None = None,
+) -> dict[str, Any]:
+    """The ``response_metadata["relay"]`` record of one answer.
 
-
-def _cost_tokens_left(a: AnswerState, ledger: Ledger, config: RelayConfig) -> int | None:
-    """Teacher output tokens the cost budget still pays for, after this call's prompt.
-
-    The prompt is estimated from the student's view of the same prompt (same family:
-    the teacher's prompt is never longer), so the budget is not overspent.
+    ``budget`` describes the conversation (from the budget store when one keeps it, else from
+    the thread's ledger); ``user_budget`` the user's pool when one applies.
     """
-    limit = config.budget.max_cost_usd
-    if limit is None:
-        return None
-    teacher = config.teacher
-    est_prompt = (
-        a["student_prompt_tokens"] // max(a["student_turns"], 1) + a["student_tokens"] + a["teacher_tokens"]
-    )
-    left = limit - ledger["teacher_cost_usd"] - est_prompt * teacher.input_price_per_million / 1e6
-    if left < 0:
-        return 0
-    if teacher.output_price_per_million == 0:
-        return None
-    return math.floor(left * 1e6 / teacher.output_price_per_million + 1e-9)
-
-
-def relay_metadata(answer: AnswerState, ledger: Ledger, config: RelayConfig) -> dict[str, Any]:
-    """The ``response_metadata["relay"]`` record of one answer."""
-    b = config.budget
-    left = budget_left(b, ledger, cost_tokens=None)
-    return {
+    store_spent = store_spent or {}
+    meta: dict[str, Any] = {
         "spans": [dict(s) for s in answer["spans"]],
         "usage": {
             "student_tokens": answer["student_tokens"],
@@ -423,21 +514,26 @@ def relay_metadata(answer: AnswerState, ledger: Ledger, config: RelayConfig) -> 
         "finish_reason": answer["finish_reason"],
         "finished_by": answer["finished_by"],
         "events": [dict(e) for e in answer["events"]],
-        "budget": {
-            "max_teacher_tokens": b.max_teacher_tokens,
-            "max_teacher_calls": b.max_teacher_calls,
-            "max_cost_usd": b.max_cost_usd,
-            "spent_teacher_tokens": ledger["teacher_tokens"],
-            "spent_teacher_calls": ledger["teacher_calls"],
-            "spent_cost_usd": ledger["teacher_cost_usd"],
-            "remaining_teacher_tokens": left["budget_tokens_left"],
-            "remaining_teacher_calls": left["budget_calls_left"],
-            "remaining_cost_usd": None
-            if b.max_cost_usd is None
-            else b.max_cost_usd - ledger["teacher_cost_usd"],
-            "exhausted": any(v is not None and v <= 0 for v in left.values())
-            or (b.max_cost_usd is not None and ledger["teacher_cost_usd"] >= b.max_cost_usd),
-        },
+        "budget": budget_state(config.budget, store_spent.get("conversation") or ledger_spend(ledger)),
         "student_model": config.student.model,
         "teacher_model": config.teacher.model,
+    }
+    if "user" in store_spent:
+        meta["user_budget"] = budget_state(config.user_budget, store_spent["user"])
+    if has_limits(config.turn_budget):
+        turn = Spend(answer["teacher_tokens"], answer["teacher_calls"], answer["teacher_cost_usd"])
+        meta["turn_budget"] = budget_state(config.turn_budget, turn)
+    return meta
+
+
+def budget_state(budget: Budget, spent: Spend) -> dict[str, Any]:
+    return {
+        "max_teacher_tokens": budget.max_teacher_tokens,
+        "max_teacher_calls": budget.max_teacher_calls,
+        "max_cost_usd": budget.max_cost_usd,
+        "spent_teacher_tokens": spent.teacher_tokens,
+        "spent_teacher_calls": spent.teacher_calls,
+        "spent_cost_usd": spent.cost_usd,
+        **remaining(budget, spent),
+        "exhausted": exhausted(budget, spent),
     }

@@ -44,6 +44,8 @@ class RelayEvent(BaseModel):
     requested: int | None = None
     granted: int | None = None
     reason: str | None = None
+    scope: Literal["turn", "conversation", "user"] | None = None
+    """The budget that declined or cut the call."""
 
     def __str__(self) -> str:
         return self.message
@@ -72,6 +74,9 @@ class RelayResult(BaseModel):
     finished_by: Literal["student", "teacher"] | None = None
     events: list[RelayEvent] = Field(default_factory=list)
     budget: BudgetState = Field(default_factory=BudgetState)
+    """The conversation's budget after this answer."""
+    user_budget: BudgetState | None = None
+    """The user's pooled budget after this answer, when the call named a ``user``."""
     message: AIMessage
 
     @classmethod
@@ -85,6 +90,7 @@ class RelayResult(BaseModel):
             finished_by=meta["finished_by"],
             events=meta["events"],
             budget=meta["budget"],
+            user_budget=meta.get("user_budget"),
             message=message,
         )
 
@@ -105,9 +111,6 @@ def _graph(config: RelayConfig, checkpointer: BaseCheckpointSaver | None) -> Com
     return shared_relay_graph(config)
 
 
-_WHOLE = RelayContext(stream_tokens=False)
-
-
 def _inputs(question: Question) -> dict[str, Any]:
     if isinstance(question, str):
         return {"messages": [{"role": "user", "content": question}]}
@@ -124,12 +127,15 @@ def relay(
     question: Question,
     config: RelayConfig,
     *,
+    conversation_id: str | None = None,
+    user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
 ) -> RelayResult:
-    """Relay one answer (blocking). With ``checkpointer`` and ``thread_id`` the budget persists."""
+    """Relay one answer (blocking); see :func:`arelay`."""
     graph = _graph(config, checkpointer)
-    state = graph.invoke(_inputs(question), _run_config(thread_id, checkpointer), context=_WHOLE)
+    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user)
+    state = graph.invoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)
     return RelayResult.from_message(state["messages"][-1])
 
 
@@ -137,22 +143,38 @@ async def arelay(
     question: Question,
     config: RelayConfig,
     *,
+    conversation_id: str | None = None,
+    user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
 ) -> RelayResult:
-    """Relay one answer."""
+    """Relay one answer.
+
+    ``conversation_id`` keys the conversation's budget (``config.budget``) in the budget
+    store, so it holds across calls and processes; ``user`` keys a pool shared by all that
+    user's conversations (``config.user_budget``). With ``checkpointer``, the conversation
+    key defaults to ``thread_id``.
+    """
     graph = _graph(config, checkpointer)
-    state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=_WHOLE)
+    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user)
+    state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)
     return RelayResult.from_message(state["messages"][-1])
 
 
 class RelayStream:
     """Async iterator of :class:`RelayDelta`; ``result`` is set once it is exhausted."""
 
-    def __init__(self, graph: CompiledStateGraph, inputs: dict[str, Any], run_config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        graph: CompiledStateGraph,
+        inputs: dict[str, Any],
+        run_config: dict[str, Any],
+        context: RelayContext,
+    ) -> None:
         self._graph = graph
         self._inputs = inputs
         self._config = run_config
+        self._context = context
         self.result: RelayResult | None = None
 
     def _take(self, mode: str, payload: Any) -> RelayDelta | None:
@@ -164,12 +186,16 @@ class RelayStream:
         return None
 
     async def __aiter__(self) -> AsyncIterator[RelayDelta]:
-        async for mode, payload in self._graph.astream(self._inputs, self._config, stream_mode=_MODES):
+        async for mode, payload in self._graph.astream(
+            self._inputs, self._config, stream_mode=_MODES, context=self._context
+        ):
             if (delta := self._take(mode, payload)) is not None:
                 yield delta
 
     def __iter__(self) -> Iterator[RelayDelta]:
-        for mode, payload in self._graph.stream(self._inputs, self._config, stream_mode=_MODES):
+        for mode, payload in self._graph.stream(
+            self._inputs, self._config, stream_mode=_MODES, context=self._context
+        ):
             if (delta := self._take(mode, payload)) is not None:
                 yield delta
 
@@ -181,11 +207,21 @@ def astream_relay(
     question: Question,
     config: RelayConfig,
     *,
+    conversation_id: str | None = None,
+    user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
 ) -> RelayStream:
-    """Stream an answer as the models write it: ``async for delta in astream_relay(...)``."""
-    return RelayStream(_graph(config, checkpointer), _inputs(question), _run_config(thread_id, checkpointer))
+    """Stream an answer as the models write it: ``async for delta in astream_relay(...)``.
+
+    The keywords are :func:`arelay`'s.
+    """
+    return RelayStream(
+        _graph(config, checkpointer),
+        _inputs(question),
+        _run_config(thread_id, checkpointer),
+        RelayContext(conversation_id=conversation_id, user=user),
+    )
 
 
 stream_relay = astream_relay

@@ -19,7 +19,13 @@ uncut answer; ``response_metadata["stop_sequence"]`` names the sequence that cut
 The relay graph runs as a private detail of each call: inside a user's LangGraph node it does
 not inherit the node's checkpointer, thread, stream writer or callbacks (tokens still reach the
 parent's ``messages`` stream mode through this model's callbacks; the graph's inner nodes are not
-traced). Per-conversation budgets across calls come with the budget stores (not yet).
+traced).
+
+Budgets: ``conversation_id=`` (per call or through ``.bind``) keys the conversation's budget in
+the budget store; inside a LangGraph graph the parent run's ``thread_id`` is used when no
+``conversation_id`` is given (a direct ``invoke(..., config={"configurable": {"thread_id": ...}})``
+does not pass the thread to a chat model, so name the conversation there). ``user=`` keys a
+pool shared by a user's conversations (``RelayConfig.user_budget``).
 
 Tool calling and structured output are not supported: the relay continues one plain-text
 answer across two models, and neither endpoint is asked for tool calls.
@@ -45,8 +51,6 @@ from relay_agents.graph import RelayContext, shared_relay_graph
 
 __all__ = ["ChatRelay"]
 
-_WHOLE = RelayContext(stream_tokens=False)
-_LIVE = RelayContext(stream_tokens=True)
 _STREAM_MODES: list[Any] = ["custom", "values"]
 
 # ChatRelay field -> Endpoint field of the student (applied when the field is set)
@@ -85,7 +89,8 @@ class ChatRelay(BaseChatModel):
     ``api_key`` is read from ``RELAY_STUDENT_API_KEY``, then ``OPENAI_API_KEY``, when not given.
     Per call, ``model=``, ``temperature=`` and ``max_tokens=`` (e.g. through ``.bind``)
     override the student model, its temperature and the answer cap for that call;
-    ``conversation_id=`` is echoed in ``response_metadata["conversation_id"]``.
+    ``conversation_id=`` and ``user=`` key the conversation's and the user's budgets (the
+    conversation is echoed in ``response_metadata["conversation_id"]``).
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -224,14 +229,30 @@ class ChatRelay(BaseChatModel):
         return shared_relay_graph(RelayConfig.model_validate(data))
 
     @staticmethod
-    def _extra_metadata(kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _conversation(kwargs: dict[str, Any], run_manager: Any) -> str | None:
+        """``conversation_id=`` of this call, else the LangGraph thread the model runs in."""
         if kwargs.get("conversation_id") is not None:
-            return {"conversation_id": kwargs["conversation_id"]}
-        return {}
+            return str(kwargs["conversation_id"])
+        thread = (getattr(run_manager, "metadata", None) or {}).get("thread_id")
+        return None if thread is None else str(thread)
 
-    def _result(self, reply: AIMessage, stop: list[str] | None, kwargs: dict[str, Any]) -> ChatResult:
+    def _context(self, kwargs: dict[str, Any], run_manager: Any, stream_tokens: bool) -> RelayContext:
+        user = kwargs.get("user")
+        return RelayContext(
+            stream_tokens=stream_tokens,
+            conversation_id=self._conversation(kwargs, run_manager),
+            user=None if user is None else str(user),
+        )
+
+    def _extra_metadata(self, kwargs: dict[str, Any], run_manager: Any) -> dict[str, Any]:
+        conversation = self._conversation(kwargs, run_manager)
+        return {} if conversation is None else {"conversation_id": conversation}
+
+    def _result(
+        self, reply: AIMessage, stop: list[str] | None, kwargs: dict[str, Any], run_manager: Any
+    ) -> ChatResult:
         text, hit = _cut_at_stop(reply.text, _stops(stop, self.stop))
-        metadata = {**reply.response_metadata, **self._extra_metadata(kwargs)}
+        metadata = {**reply.response_metadata, **self._extra_metadata(kwargs, run_manager)}
         finish_reason = metadata.get("finish_reason")
         if hit is not None:
             metadata.update(stop_sequence=hit, finish_reason="stop")
@@ -256,8 +277,9 @@ class ChatRelay(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         graph = self._graph_for_call(kwargs)
-        state = _isolated(lambda: graph.invoke({"messages": messages}, context=_WHOLE))
-        return self._result(state["messages"][-1], stop, kwargs)
+        context = self._context(kwargs, run_manager, stream_tokens=False)
+        state = _isolated(lambda: graph.invoke({"messages": messages}, context=context))
+        return self._result(state["messages"][-1], stop, kwargs, run_manager)
 
     async def _agenerate(
         self,
@@ -267,12 +289,13 @@ class ChatRelay(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         graph = self._graph_for_call(kwargs)
+        context = self._context(kwargs, run_manager, stream_tokens=False)
         token = var_child_runnable_config.set(None)
         try:
-            state = await graph.ainvoke({"messages": messages}, context=_WHOLE)
+            state = await graph.ainvoke({"messages": messages}, context=context)
         finally:
             var_child_runnable_config.reset(token)
-        return self._result(state["messages"][-1], stop, kwargs)
+        return self._result(state["messages"][-1], stop, kwargs, run_manager)
 
     def _stream(
         self,
@@ -282,8 +305,11 @@ class ChatRelay(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         graph = self._graph_for_call(kwargs)
-        stream = _isolated(lambda: iter(graph.stream({"messages": messages}, stream_mode=_STREAM_MODES)))
-        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs))
+        context = self._context(kwargs, run_manager, stream_tokens=True)
+        stream = _isolated(
+            lambda: iter(graph.stream({"messages": messages}, stream_mode=_STREAM_MODES, context=context))
+        )
+        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
         try:
             while (item := _isolated(lambda: next(stream, None))) is not None:
                 for chunk in chunks.take(*item):
@@ -302,12 +328,13 @@ class ChatRelay(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         graph = self._graph_for_call(kwargs)
+        context = self._context(kwargs, run_manager, stream_tokens=True)
         token = var_child_runnable_config.set(None)
         try:
-            stream = graph.astream({"messages": messages}, stream_mode=_STREAM_MODES)
+            stream = graph.astream({"messages": messages}, stream_mode=_STREAM_MODES, context=context)
         finally:
             var_child_runnable_config.reset(token)
-        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs))
+        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
         try:
             while True:
                 token = var_child_runnable_config.set(None)

@@ -108,7 +108,7 @@ class Endpoint(_Strict):
 
 
 class Budget(_Strict):
-    """Teacher spend allowed per conversation; ``None`` means unlimited."""
+    """Teacher spend allowed in one scope (a conversation, a turn, a user's pool); ``None``: unlimited."""
 
     max_teacher_tokens: int | None = Field(default=None, ge=0)
     max_teacher_calls: int | None = Field(default=None, ge=0)
@@ -120,7 +120,22 @@ class RelayConfig(_Strict):
 
     student: Endpoint
     teacher: Endpoint
-    budget: Budget = Field(default_factory=Budget)
+    budget: Budget = Field(default_factory=Budget, description="Teacher spend allowed per conversation.")
+    turn_budget: Budget = Field(default_factory=Budget, description="Teacher spend allowed per answer.")
+    user_budget: Budget = Field(
+        default_factory=Budget,
+        description="A pool shared by every conversation of one user or API key (``user=``).",
+    )
+    budget_store: str | None = Field(
+        default=None,
+        description="Where conversation and user budgets persist: ``sqlite:///PATH``, a file path, "
+        "or ``postgresql://...``; default a SQLite file under ~/.local/state/relay-agents.",
+    )
+    on_budget_exhausted: Literal["continue", "raise"] = Field(
+        default="continue",
+        description="`continue`: the student finishes alone and the result says so; "
+        "`raise`: raise BudgetExceeded.",
+    )
     policy: Literal["command", "teacher_free"] = Field(
         default="command",
         description="`command`: the student's <call>N</call>; `teacher_free`: calls blocked.",
@@ -178,7 +193,7 @@ class ConfigError(ValueError):
 
 ENV_PREFIX = "RELAY_"
 CONFIG_FILE_VAR = "RELAY_CONFIG"
-_SECTIONS = ("student", "teacher", "budget")
+_SECTIONS = ("student", "teacher", "turn_budget", "user_budget", "budget")
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -194,13 +209,13 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
             continue
         key = name[len(ENV_PREFIX) :].lower()
         section = next((s for s in _SECTIONS if key.startswith(s + "_")), None)
-        if section is not None:
+        if key in top_fields:
+            values[key] = raw
+            sources[key] = name
+        elif section is not None:
             field = key[len(section) + 1 :]
             values.setdefault(section, {})[field] = raw
             sources[f"{section}.{field}"] = name
-        elif key in top_fields:
-            values[key] = raw
-            sources[key] = name
     return values, sources
 
 

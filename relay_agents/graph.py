@@ -8,6 +8,7 @@ Model text is streamed through the ``custom`` stream mode as ``{"source", "text"
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,7 +17,7 @@ from typing import Annotated, Any, TypedDict
 from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import RunnableLambda
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.config import get_stream_writer
+from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
@@ -26,6 +27,10 @@ from relay_agents.answer import (
     AnswerState,
     Delta,
     Ledger,
+    ReservationDict,
+    apply_reservation,
+    budget_declined,
+    call_quote,
     finish_student_turn,
     finish_teacher_call,
     held_student_text,
@@ -37,6 +42,8 @@ from relay_agents.answer import (
     student_request,
     teacher_request,
 )
+from relay_agents.budgets.limits import ScopeKind, Spend, has_limits
+from relay_agents.budgets.store import BudgetExceeded, BudgetStore, Reservation, Scope, open_budget_store
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
 from relay_agents.config import RelayConfig, identity
 from relay_agents.prompts import protocol_messages, to_openai_messages
@@ -49,18 +56,22 @@ class RelayContext:
 
     ``stream_tokens``: stream model replies token by token into the ``custom`` stream mode
     (the default). ``relay()``/``arelay()`` turn it off: whole replies are cheaper for vLLM.
+    ``conversation_id``: the key of the conversation's budget in the budget store (default:
+    the run's ``thread_id``). ``user``: the key of a pool shared by a user's conversations.
     """
 
     stream_tokens: bool = True
+    conversation_id: str | None = None
+    user: str | None = None
 
 
-def _stream_tokens() -> bool:
+def _context() -> RelayContext:
     context = get_runtime().context
     if context is None:
-        return True
+        return RelayContext()
     if isinstance(context, dict):
-        return bool(context.get("stream_tokens", True))
-    return context.stream_tokens
+        return RelayContext(**context)
+    return context
 
 
 class MessagesState(TypedDict):
@@ -115,12 +126,35 @@ class _TeacherCall:
 
 
 class RelayNodes:
-    """The node functions, sync and async, bound to one config and its endpoint clients."""
+    """The node functions, sync and async, bound to one config and its endpoint clients.
 
-    def __init__(self, config: RelayConfig) -> None:
+    Budget-store I/O (reserve before a teacher call, settle after it, read at the end) happens
+    here; what it means for the answer is decided by the pure functions of ``answer``.
+    """
+
+    def __init__(self, config: RelayConfig, budget_store: BudgetStore | None = None) -> None:
         self.config = config
         self.student_client: EndpointClient = client_for(config.student)
         self.teacher_client: EndpointClient = client_for(config.teacher)
+        self._budget_store = budget_store
+
+    @property
+    def budget_store(self) -> BudgetStore:
+        if self._budget_store is None:
+            self._budget_store = open_budget_store(self.config.budget_store)
+        return self._budget_store
+
+    def _scopes(self) -> list[Scope]:
+        """The budgets this run draws on in the store: its conversation's and its user's pool."""
+        context = _context()
+        config = self.config
+        scopes: list[Scope] = []
+        conversation = context.conversation_id or get_config().get("configurable", {}).get("thread_id")
+        if conversation and has_limits(config.budget):
+            scopes.append(Scope("conversation", f"conversation:{conversation}", config.budget))
+        if context.user and has_limits(config.user_budget):
+            scopes.append(Scope("user", f"user:{context.user}", config.user_budget))
+        return scopes
 
     def begin(self, state: RelayState) -> dict[str, Any]:
         messages = protocol_messages(
@@ -135,44 +169,83 @@ class RelayNodes:
 
     # student -------------------------------------------------------------------------
 
-    def _after_student(self, state: RelayState, turn: _StudentTurn, gen: Generation) -> dict[str, Any]:
+    def _after_student(
+        self, state: RelayState, turn: _StudentTurn, gen: Generation, scopes: list[Scope]
+    ) -> AnswerState:
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
+        in_store = any(s.kind == "conversation" for s in scopes)
         answer, deltas = finish_student_turn(
-            state["answer"], state["ledger"], self.config, gen, "".join(turn.parts), turn.filter
+            state["answer"],
+            None if in_store else state["ledger"],
+            self.config,
+            gen,
+            "".join(turn.parts),
+            turn.filter,
         )
         _write(turn.writer, deltas)
+        return answer
+
+    def _held(self, answer: AnswerState, writer: Writer, reserved: Reservation | None) -> dict[str, Any]:
+        """Apply the store's grant (if the call went to a store) and the raise-when-spent policy."""
+        if reserved is not None:
+            answer, deltas = apply_reservation(
+                answer,
+                self.config,
+                reserved.grant,
+                None if reserved.id is None else {"id": reserved.id, "keys": list(reserved.keys)},
+            )
+            _write(writer, deltas)
+        if self.config.on_budget_exhausted == "raise" and (event := budget_declined(answer)) is not None:
+            raise BudgetExceeded(event["message"], scope=event.get("scope"), reason=event.get("reason"))
         return {"answer": answer}
 
     def student(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        live = _stream_tokens()
+        live = _context().stream_tokens
+        scopes = self._scopes()
         request = student_request(state["answer"], self.config)
         gen = self.student_client.generate(request, turn.on_text if live else None)
         if not live:
             turn.on_text(gen.text)
-        return self._after_student(state, turn, gen)
+        answer = self._after_student(state, turn, gen, scopes)
+        reserved: Reservation | None = None
+        if answer["call"] is not None and scopes:
+            quote = call_quote(answer, self.config, answer["call"]["granted"])
+            reserved = self.budget_store.reserve(scopes, quote)
+        return self._held(answer, turn.writer, reserved)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
         turn = _StudentTurn(state["answer"], get_stream_writer())
-        live = _stream_tokens()
+        live = _context().stream_tokens
+        scopes = self._scopes()
         request = student_request(state["answer"], self.config)
         gen = await self.student_client.agenerate(request, turn.on_text if live else None)
         if not live:
             turn.on_text(gen.text)
-        return self._after_student(state, turn, gen)
+        answer = self._after_student(state, turn, gen, scopes)
+        reserved: Reservation | None = None
+        if answer["call"] is not None and scopes:
+            quote = call_quote(answer, self.config, answer["call"]["granted"])
+            reserved = await self.budget_store.areserve(scopes, quote)
+        return self._held(answer, turn.writer, reserved)
 
     # teacher -------------------------------------------------------------------------
+
+    def _charged(self, gen: Generation | None) -> Spend:
+        """What the store is charged for a call: only text actually received."""
+        if gen is None or not gen.text:
+            return Spend()
+        cost = self.config.teacher.price(gen.prompt_tokens, gen.completion_tokens)
+        return Spend(gen.completion_tokens, 1, cost)
 
     def _after_teacher(
         self,
         state: RelayState,
         call: _TeacherCall,
         gen: Generation | None,
-        error: Exception | None,
+        error: BaseException | None,
     ) -> dict[str, Any]:
-        if gen is not None and gen.error is not None and not gen.text:
-            gen, error = None, gen.error  # broke before any text: nothing was answered
         failed = error if gen is None else gen.error
         if failed is not None and self.config.on_teacher_failure == "raise":
             raise failed
@@ -188,29 +261,45 @@ class RelayNodes:
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
         call = _TeacherCall(state["answer"], get_stream_writer())
-        live = _stream_tokens()
+        reservation = _reservation(state["answer"])
+        gen: Generation | None = None
+        error: BaseException | None = None
         try:
             request = teacher_request(state["answer"], self.config)
-            gen = self.teacher_client.generate(request, call.on_text if live else None)
+            gen = self.teacher_client.generate(request, call.on_text if _context().stream_tokens else None)
         except STREAM_ERRORS as exc:
-            return self._after_teacher(state, call, None, exc)
-        return self._after_teacher(state, call, gen, None)
+            error = exc
+        finally:
+            gen, error = _answered(gen, error)
+            if reservation is not None:
+                self.budget_store.settle(reservation["id"], reservation["keys"], self._charged(gen))
+        return self._after_teacher(state, call, gen, error)
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
         call = _TeacherCall(state["answer"], get_stream_writer())
-        live = _stream_tokens()
+        reservation = _reservation(state["answer"])
+        gen: Generation | None = None
+        error: BaseException | None = None
         try:
             request = teacher_request(state["answer"], self.config)
-            gen = await self.teacher_client.agenerate(request, call.on_text if live else None)
+            gen = await self.teacher_client.agenerate(
+                request, call.on_text if _context().stream_tokens else None
+            )
         except STREAM_ERRORS as exc:
-            return self._after_teacher(state, call, None, exc)
-        return self._after_teacher(state, call, gen, None)
+            error = exc
+        finally:
+            gen, error = _answered(gen, error)
+            if reservation is not None:
+                await asyncio.shield(
+                    self.budget_store.asettle(reservation["id"], reservation["keys"], self._charged(gen))
+                )
+        return self._after_teacher(state, call, gen, error)
 
     # finish --------------------------------------------------------------------------
 
-    def finish(self, state: RelayState) -> dict[str, Any]:
+    def _reply(self, state: RelayState, store_spent: dict[ScopeKind, Spend]) -> dict[str, Any]:
         answer = state["answer"]
-        meta = relay_metadata(answer, state["ledger"], self.config)
+        meta = relay_metadata(answer, state["ledger"], self.config, store_spent)
         input_tokens = answer["student_prompt_tokens"] + answer["teacher_prompt_tokens"]
         output_tokens = answer["student_tokens"] + answer["teacher_tokens"]
         message = AIMessage(
@@ -227,6 +316,30 @@ class RelayNodes:
             },
         )
         return {"messages": [message]}
+
+    def finish(self, state: RelayState) -> dict[str, Any]:
+        scopes = self._scopes()
+        spent = self.budget_store.spent([s.key for s in scopes]) if scopes else {}
+        return self._reply(state, {s.kind: spent[s.key] for s in scopes})
+
+    async def afinish(self, state: RelayState) -> dict[str, Any]:
+        scopes = self._scopes()
+        spent = await self.budget_store.aspent([s.key for s in scopes]) if scopes else {}
+        return self._reply(state, {s.kind: spent[s.key] for s in scopes})
+
+
+def _reservation(answer: AnswerState) -> ReservationDict | None:
+    call = answer["call"]
+    return None if call is None else call.get("reservation")
+
+
+def _answered(
+    gen: Generation | None, error: BaseException | None
+) -> tuple[Generation | None, BaseException | None]:
+    """A teacher stream that broke before any text answered nothing."""
+    if gen is not None and gen.error is not None and not gen.text:
+        return None, gen.error
+    return gen, error
 
 
 def _route(state: RelayState) -> str:
@@ -252,23 +365,26 @@ def build_relay_graph(
     config: RelayConfig,
     *,
     checkpointer: BaseCheckpointSaver | None = None,
+    budget_store: BudgetStore | None = None,
     name: str = "relay",
 ) -> CompiledStateGraph:
     """Build the compiled relay graph for ``config``.
 
     Input ``{"messages": [...]}``; the reply is appended to ``messages`` as an
     ``AIMessage`` whose ``response_metadata["relay"]`` holds spans, usage, events and the
-    budget. With a checkpointer, the teacher budget persists per ``thread_id``. Both
-    ``invoke`` and ``ainvoke`` work (each node has a sync and an async body).
+    budget. Conversation budgets are kept in ``budget_store`` (default: the store named by
+    ``config.budget_store``) under the run's ``thread_id`` or ``context.conversation_id``;
+    a run with neither keeps its ledger in the thread state. Both ``invoke`` and ``ainvoke``
+    work (each node has a sync and an async body).
     """
-    nodes = RelayNodes(config)
+    nodes = RelayNodes(config, budget_store)
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
     builder.add_node("begin", nodes.begin)
     builder.add_node("student", RunnableLambda(nodes.student, afunc=nodes.astudent, name="student"))
     builder.add_node("teacher", RunnableLambda(nodes.teacher, afunc=nodes.ateacher, name="teacher"))
-    builder.add_node("finish", nodes.finish)
+    builder.add_node("finish", RunnableLambda(nodes.finish, afunc=nodes.afinish, name="finish"))
     builder.add_edge(START, "begin")
     builder.add_edge("begin", "student")
     builder.add_conditional_edges("student", _route, ["student", "teacher", "finish"])

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,34 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The default budget store (a SQLite file under ~/.local/state) is kept out of the user's home.
+_STATE = tempfile.TemporaryDirectory(prefix="relay-agents-state-")
+os.environ["RELAY_AGENTS_STATE"] = _STATE.name
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server: ``RELAY_TEST_POSTGRES_URL`` (``.ci/run`` starts one), else a
+    private one started here by ``scripts/postgres.sh`` (Debian's postgresql package)."""
+    url = os.environ.get("RELAY_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    if os.environ.get("RELAY_SKIP_POSTGRES") == "1":
+        pytest.skip("RELAY_SKIP_POSTGRES=1")
+    script = ROOT / "scripts" / "postgres.sh"
+    env = {**os.environ, "RELAY_PG_PORT": "55433"}
+    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, env=env)
+    if started.returncode != 0:
+        raise RuntimeError(f"could not start PostgreSQL for the tests:\n{started.stderr}")
+    try:
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,146 @@
+"""Budget stores: teacher spend per conversation and per user pool, outside the graph's state.
+
+A teacher call first *reserves* its granted tokens (and their cost) in every budget it draws
+on, in one transaction, so concurrent calls never grant the same remainder twice; when the
+teacher's reply is in, the call is *settled*: the hold is dropped and only what was actually
+received is charged. A hold whose process died expires after ``reservation_ttl_s``.
+
+The stores are synchronous (a transaction is a few hundred microseconds on loopback); the
+async methods run them in worker threads so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay_agents.budgets.limits import CallQuote, ScopedGrant, ScopeKind, Spend, grant_across
+from relay_agents.config import Budget
+
+
+class BudgetExceeded(RuntimeError):
+    """A teacher call was declined because a budget is spent (``on_budget_exhausted="raise"``)."""
+
+    def __init__(self, message: str, *, scope: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One budget a call draws on: its kind, its key in the store, and its limits."""
+
+    kind: ScopeKind
+    key: str
+    budget: Budget
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of :meth:`BudgetStore.reserve`; ``id`` is None when nothing was held."""
+
+    grant: ScopedGrant
+    id: str | None
+    keys: tuple[str, ...]
+
+
+class BudgetStore(ABC):
+    """Reserve-then-settle teacher budgets keyed by scope (``conversation:<id>``, ``user:<id>``)."""
+
+    def __init__(self, *, reservation_ttl_s: float = 600.0) -> None:
+        self.reservation_ttl_s = reservation_ttl_s
+
+    @abstractmethod
+    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> ScopedGrant:
+        """In one transaction: read spend and live holds of ``scopes``, decide, hold the grant."""
+
+    @abstractmethod
+    def _settle(self, reservation_id: str, keys: Sequence[str], spend: Spend) -> None:
+        """In one transaction: drop the hold and charge ``spend`` to every key."""
+
+    @abstractmethod
+    def spent(self, keys: Sequence[str]) -> dict[str, Spend]:
+        """What each key has been charged (settled calls only)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def reserve(self, scopes: Sequence[Scope], quote: CallQuote) -> Reservation:
+        reservation_id = uuid.uuid4().hex
+        grant = self._reserve(scopes, quote, reservation_id)
+        held = grant.granted > 0
+        return Reservation(grant, reservation_id if held else None, tuple(s.key for s in scopes))
+
+    def settle(self, reservation_id: str, keys: Sequence[str], spend: Spend) -> None:
+        self._settle(reservation_id, keys, spend)
+
+    async def areserve(self, scopes: Sequence[Scope], quote: CallQuote) -> Reservation:
+        return await asyncio.to_thread(self.reserve, scopes, quote)
+
+    async def asettle(self, reservation_id: str, keys: Sequence[str], spend: Spend) -> None:
+        await asyncio.to_thread(self.settle, reservation_id, keys, spend)
+
+    async def aspent(self, keys: Sequence[str]) -> dict[str, Spend]:
+        return await asyncio.to_thread(self.spent, keys)
+
+    @staticmethod
+    def _decide(scopes: Sequence[Scope], quote: CallQuote, used: dict[str, Spend]) -> ScopedGrant:
+        return grant_across(quote, [(s.kind, s.budget, used.get(s.key, Spend())) for s in scopes])
+
+
+def default_store_path() -> Path:
+    """``$RELAY_AGENTS_STATE/budgets.sqlite``, else under ``$XDG_STATE_HOME`` or ``~/.local/state``."""
+    state = os.environ.get("RELAY_AGENTS_STATE")
+    if state:
+        return Path(state).expanduser() / "budgets.sqlite"
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return base / "relay-agents" / "budgets.sqlite"
+
+
+_STORES: dict[str, BudgetStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def open_budget_store(url: str | None = None) -> BudgetStore:
+    """The shared store for ``url`` (one per URL and process).
+
+    ``None``: the default SQLite file (:func:`default_store_path`). ``sqlite:///relative.db``,
+    ``sqlite:////absolute.db`` or a plain file path: SQLite. ``postgresql://...``: PostgreSQL
+    (needs the ``postgres`` extra).
+    """
+    key = url or f"sqlite:///{default_store_path()}"
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            store = _STORES[key] = _open(key)
+        return store
+
+
+def _open(url: str) -> BudgetStore:
+    if url.startswith(("postgresql://", "postgres://")):
+        from relay_agents.budgets.postgres import PostgresBudgetStore
+
+        return PostgresBudgetStore(url)
+    from relay_agents.budgets.sqlite import SQLiteBudgetStore
+
+    if url.startswith("sqlite:///"):
+        return SQLiteBudgetStore(Path(url[len("sqlite:///") :]))
+    if "://" in url:
+        raise ValueError(f"unsupported budget store {url!r}: use sqlite:///PATH or postgresql://...")
+    return SQLiteBudgetStore(Path(url))
+
+
+def close_budget_stores() -> None:
+    """Close every shared store (tests; a server's shutdown)."""
+    with _STORES_LOCK:
+        for store in _STORES.values():
+            store.close()
+        _STORES.clear()
