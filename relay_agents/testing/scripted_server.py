@@ -369,14 +369,16 @@ def create_app(state: _State | None = None) -> Any:
         except _BadRequest as exc:
             return _error(str(exc))
         state.models.setdefault(model)
-        state.requests.append({"path": request.url.path, "model": model, "body": body, "prompt": prompt})
+        record = {"path": request.url.path, "model": model, "body": body, "prompt": prompt}
+        record["disconnected"] = False  # set when the client is seen leaving before the end
+        state.requests.append(record)
         try:
-            return await respond(request, body, model, prompt, chat)
+            return await respond(request, body, model, prompt, chat, record)
         except _BadRequest as exc:
             return _error(str(exc))
 
     async def respond(
-        request: Request, body: dict[str, Any], model: str, prompt: str, chat: bool
+        request: Request, body: dict[str, Any], model: str, prompt: str, chat: bool, record: dict[str, Any]
     ) -> Response:
         if body.get("n", 1) != 1:
             raise _BadRequest("n must be 1 on the scripted server")
@@ -407,6 +409,7 @@ def create_app(state: _State | None = None) -> Any:
         if fault == "hang":
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
+            record["disconnected"] = True
             return Response(status_code=499)  # never reaches the (gone) client
         if fault == "malformed":
             if stream:
@@ -447,6 +450,7 @@ def create_app(state: _State | None = None) -> Any:
                     created=created,
                     model=model,
                     drop=fault == "drop",
+                    record=record,
                 ),
                 media_type="text/event-stream",
             )
@@ -480,14 +484,34 @@ def create_app(state: _State | None = None) -> Any:
         created: int,
         model: str,
         drop: bool,
+        record: dict[str, Any],
     ) -> AsyncIterator[str]:
-        head = {
+        try:
+            async for event in _stream_events(
+                request, gen, usage, chat=chat, head=head(chat, rid, created, model), drop=drop
+            ):
+                yield event
+        except asyncio.CancelledError:  # Starlette cancels the stream when the client disconnects
+            record["disconnected"] = True
+            raise
+
+    def head(chat: bool, rid: str, created: int, model: str) -> dict[str, Any]:
+        return {
             "id": rid,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
             "model": model,
         }
 
+    async def _stream_events(
+        request: Request,
+        gen: Generation,
+        usage: dict[str, Any] | None,
+        *,
+        chat: bool,
+        head: dict[str, Any],
+        drop: bool,
+    ) -> AsyncIterator[str]:
         def event(delta: str | None, finish: str | None = None, stop: str | None = None) -> str:
             choice: dict[str, Any] = {"index": 0}
             if chat:
@@ -775,7 +799,8 @@ class ScriptedServer:
         return self._call("POST", "/_scripted/configure", config)["config"]
 
     def requests(self) -> list[dict[str, Any]]:
-        """Generation requests so far: ``{"path", "model", "body", "prompt"}`` in order."""
+        """Generation requests so far, in order: ``{"path", "model", "body", "prompt", "disconnected"}``
+        (``disconnected``: the client was seen leaving a hanging request or an unfinished stream)."""
         return self._call("GET", "/_scripted/requests")["requests"]
 
     def reset(self) -> None:
