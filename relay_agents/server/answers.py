@@ -1,0 +1,131 @@
+"""Relay results as OpenAI answer objects: whole responses, and the chunks of a stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from relay_agents.api import RelayDelta, RelayResult
+from relay_agents.server.errors import APIError
+from relay_agents.server.schemas import (
+    AssistantMessage,
+    BudgetRemaining,
+    ChatChoice,
+    ChatCompletion,
+    ChoiceRelay,
+    Completion,
+    CompletionChoice,
+    EventInfo,
+    RelayUsageInfo,
+    SpanInfo,
+    Usage,
+    openai_finish_reason,
+)
+from relay_agents.server.sse import DONE, ChunkEncoder
+from relay_agents.server.streaming import End, Item
+
+
+def usage_of(result: RelayResult) -> Usage:
+    u, b = result.usage, result.budget
+    prompt = u.student_prompt_tokens + u.teacher_prompt_tokens
+    completion = u.student_tokens + u.teacher_tokens
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        relay=RelayUsageInfo(
+            student_tokens=u.student_tokens,
+            teacher_tokens=u.teacher_tokens,
+            teacher_calls=u.teacher_calls,
+            call_ratio=u.call_ratio,
+            cost_usd=u.cost_usd,
+            budget_remaining=BudgetRemaining(
+                teacher_tokens=b.remaining_teacher_tokens,
+                teacher_calls=b.remaining_teacher_calls,
+                cost_usd=b.remaining_cost_usd,
+            ),
+        ),
+    )
+
+
+def _events(result: RelayResult) -> list[EventInfo]:
+    return [EventInfo(kind=e.kind, message=e.message) for e in result.events]
+
+
+def choice_relay(result: RelayResult) -> ChoiceRelay:
+    return ChoiceRelay(
+        finish_reason=result.finish_reason,
+        finished_by=result.finished_by,
+        spans=[SpanInfo(source=s.source, text=s.text, tokens=s.tokens) for s in result.spans],
+        events=_events(result),
+    )
+
+
+def chat_completion(result: RelayResult, *, rid: str, created: int, model: str) -> ChatCompletion:
+    choice = ChatChoice(
+        message=AssistantMessage(content=result.text),
+        finish_reason=openai_finish_reason(result.finish_reason),
+        relay=choice_relay(result),
+    )
+    return ChatCompletion(id=rid, created=created, model=model, choices=[choice], usage=usage_of(result))
+
+
+def text_completion(result: RelayResult, *, rid: str, created: int, model: str) -> Completion:
+    choice = CompletionChoice(
+        text=result.text,
+        finish_reason=openai_finish_reason(result.finish_reason),
+        relay=choice_relay(result),
+    )
+    return Completion(id=rid, created=created, model=model, choices=[choice], usage=usage_of(result))
+
+
+class StreamRenderer:
+    """Turns the items of a relay run into SSE text, in order, and sees the end of the stream.
+
+    ``on_result`` gets the finished answer; ``on_error`` maps a failure to the error event sent
+    (the HTTP status is already 200 once the stream started).
+    """
+
+    def __init__(
+        self,
+        encoder: ChunkEncoder,
+        *,
+        on_result: Callable[[RelayResult], None],
+        on_error: Callable[[BaseException], APIError],
+    ) -> None:
+        self.encoder = encoder
+        self.on_result = on_result
+        self.on_error = on_error
+        self._opened = not encoder.chat  # a chat stream opens with the assistant role
+        self.error: APIError | None = None
+
+    def __call__(self, items: list[Item]) -> tuple[str, bool]:
+        enc = self.encoder
+        parts: list[str] = []
+        if not self._opened:
+            parts.append(enc.role())
+            self._opened = True
+        for item in items:
+            if isinstance(item, RelayDelta):
+                parts.append(enc.delta(item.text, item.source))
+            elif isinstance(item, End):
+                parts.extend(self._end(item))
+                return "".join(parts), True
+        return "".join(parts), False
+
+    def _end(self, end: End) -> list[str]:
+        enc = self.encoder
+        if end.error is not None or end.result is None:
+            self.error = self.on_error(end.error or RuntimeError("the relay ended without a result"))
+            return [enc.error(self.error), DONE]
+        result = end.result
+        self.on_result(result)
+        relay = {
+            "source": result.finished_by or "student",
+            "finish_reason": result.finish_reason,
+            "events": [e.model_dump() for e in _events(result)],
+        }
+        parts = [enc.finish(openai_finish_reason(result.finish_reason), relay)]
+        if enc.include_usage:
+            parts.append(enc.usage(usage_of(result).model_dump()))
+        parts.append(DONE)
+        return parts

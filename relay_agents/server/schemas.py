@@ -1,0 +1,316 @@
+"""The OpenAI wire format the server reads and writes, with relay's additions.
+
+Requests are validated strictly (JSON types as sent, no coercion) and name the bad field;
+fields this server cannot honour (``n`` > 1, tools, logprobs, stop strings) are refused
+rather than silently ignored. Sampling fields (``temperature``, ``top_p``, ``seed``, ...)
+are accepted and ignored: the relay's endpoints carry their own sampling settings.
+Responses are the standard objects; ``usage.relay`` and ``choices[].relay`` are extra
+fields, which the ``openai`` SDK keeps in ``model_extra``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    # extra="allow": SDKs add fields over time (metadata, store, ...); unknown ones are ignored.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _text_content(value: Any) -> Any:
+    """A message's content as text: a string, or a list of ``{"type": "text"}`` parts."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"only text content parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError("content must be a string or a list of text parts")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value in ("tool", "function"):
+            raise ValueError("tool messages are not supported: the relay answers in plain text")
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _text_content(value)
+
+    def wire(self) -> dict[str, str]:
+        """The message as the relay takes it (``developer`` is the newer name of ``system``)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Generation(_Request):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+    stop: str | list[str] | None = None
+    logprobs: Any = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported: a relayed answer has one choice")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value:
+            raise ValueError("stop sequences are not supported by the relay")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value not in (None, False, 0):
+            raise ValueError("logprobs are not supported by the relay")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _Generation:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calling is not supported: the relay answers in plain text")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("type") != "text":
+            raise ValueError("only response_format type 'text' is supported")
+        return value
+
+    @model_validator(mode="after")
+    def _has_question(self) -> ChatCompletionRequest:
+        last_user = next((m for m in reversed(self.messages) if m.role == "user"), None)
+        if last_user is None:
+            raise ValueError("messages must contain a user message")
+        if not (last_user.content or "").strip():
+            raise ValueError("the last user message is empty")
+        return self
+
+    @property
+    def answer_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def wire_messages(self) -> list[dict[str, str]]:
+        return [m.wire() for m in self.messages]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content or "") for m in self.messages)
+
+
+class CompletionRequest(_Generation):
+    """``/v1/completions``: the prompt is the question, answered like one user message."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt is supported")
+            value = value[0]
+        if not value.strip():
+            raise ValueError("the prompt is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _plain(self) -> CompletionRequest:
+        if self.echo or self.suffix or (self.best_of or 1) > 1:
+            raise ValueError("echo, suffix and best_of are not supported by the relay")
+        return self
+
+    @property
+    def answer_cap(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def question(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def wire_messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.question}]
+
+    def prompt_chars(self) -> int:
+        return len(self.question)
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+def openai_finish_reason(relay_reason: str | None) -> FinishReason:
+    """The relay's finish reasons in OpenAI's vocabulary (the relay's own stays in ``relay``)."""
+    return "length" if relay_reason in ("length", "turn_limit") else "stop"
+
+
+class BudgetRemaining(BaseModel):
+    """What the conversation may still spend on the teacher; ``None`` means unlimited."""
+
+    teacher_tokens: int | None = None
+    teacher_calls: int | None = None
+    cost_usd: float | None = None
+
+
+class RelayUsageInfo(BaseModel):
+    student_tokens: int
+    teacher_tokens: int
+    teacher_calls: int
+    call_ratio: float
+    cost_usd: float
+    budget_remaining: BudgetRemaining
+
+
+class Usage(BaseModel):
+    """Standard counts: ``prompt_tokens`` sums every upstream request's prompt (the student's
+    turns and the teacher's calls each read the conversation), ``completion_tokens`` is the
+    answer (student plus teacher tokens)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    relay: RelayUsageInfo
+
+
+class SpanInfo(BaseModel):
+    source: Literal["student", "teacher"]
+    text: str
+    tokens: int
+
+
+class EventInfo(BaseModel):
+    kind: str
+    message: str
+
+
+class ChoiceRelay(BaseModel):
+    """The relay's own account of one answer, on the choice."""
+
+    finish_reason: str | None
+    finished_by: Literal["student", "teacher"] | None
+    spans: list[SpanInfo]
+    events: list[EventInfo]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+    relay: ChoiceRelay
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+    relay: ChoiceRelay
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "relay-agents"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,93 @@
+"""Settings of the HTTP server itself (address, API keys, request limits).
+
+They live apart from :class:`~relay_agents.config.RelayConfig`, which describes the relay:
+the same relay configuration can be served, benchmarked or used as a library. Values come
+from keyword arguments (the CLI flags), then ``RELAY_SERVER_*`` variables and
+``RELAY_API_KEYS``, then the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from relay_agents.config import ConfigError
+
+SERVER_ENV_PREFIX = "RELAY_SERVER_"
+API_KEYS_VAR = "RELAY_API_KEYS"
+
+
+class ServerSettings(BaseModel):
+    """How ``relay-agents serve`` listens and what it accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: str = Field(
+        default="relay", min_length=1, description="The model id clients ask for (`/v1/models` lists it)."
+    )
+    api_keys: tuple[SecretStr, ...] = Field(
+        default=(), description="Bearer keys; empty means no authentication. Each key is its own budget pool."
+    )
+    max_prompt_chars: int = Field(
+        default=32_000, ge=1, description="Longest prompt accepted, in characters of message text."
+    )
+    max_body_bytes: int = Field(default=1_000_000, ge=1, description="Largest request body accepted.")
+    max_messages: int = Field(default=256, ge=1)
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [k.strip() for k in value.split(",")]
+        if isinstance(value, list | tuple):
+            return tuple(k for k in value if (k.get_secret_value() if isinstance(k, SecretStr) else k))
+        return value
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Defaults < ``RELAY_SERVER_*`` / ``RELAY_API_KEYS`` < ``overrides`` (``None`` is skipped).
+
+        Raises :class:`~relay_agents.config.ConfigError` naming the field and its variable.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, raw in env.items():
+            if name.startswith(SERVER_ENV_PREFIX):
+                field = name[len(SERVER_ENV_PREFIX) :].lower()
+                values[field], sources[field] = raw, name
+        if API_KEYS_VAR in env:
+            values["api_keys"], sources["api_keys"] = env[API_KEYS_VAR], API_KEYS_VAR
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = ".".join(str(p) for p in err["loc"])
+                where = sources.get(field.split(".")[0], "argument")
+                problems.append(f"{field} ({where}): {err['msg']}")
+            raise ConfigError("invalid server settings: " + "; ".join(problems)) from None
+
+    def key_pool(self, key: str) -> str | None:
+        """The budget pool of a presented key (``key:<short sha256>``), or None if it is not valid.
+
+        Every configured key is compared (in constant time) so timing does not tell which matched.
+        """
+        matched = False
+        for known in self.api_keys:
+            matched |= hmac.compare_digest(known.get_secret_value().encode(), key.encode())
+        return pool_id(key) if matched else None
+
+
+def pool_id(key: str) -> str:
+    """The budget pool named after an API key, without revealing the key."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
