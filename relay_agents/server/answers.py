@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from relay_agents.api import RelayDelta, RelayResult
+from relay_agents.api import BudgetState, RelayDelta, RelayResult
 from relay_agents.server.errors import APIError
 from relay_agents.server.schemas import (
     AssistantMessage,
@@ -24,8 +24,27 @@ from relay_agents.server.sse import DONE, ChunkEncoder
 from relay_agents.server.streaming import End, Item
 
 
+def _least(*values: float | None) -> float | None:
+    """The tightest of several remainders; None (unlimited) only when all are unlimited."""
+    limited = [v for v in values if v is not None]
+    return min(limited) if limited else None
+
+
+def _remaining(*states: BudgetState) -> BudgetRemaining:
+    tokens = _least(*(s.remaining_teacher_tokens for s in states))
+    calls = _least(*(s.remaining_teacher_calls for s in states))
+    return BudgetRemaining(
+        teacher_tokens=None if tokens is None else int(tokens),
+        teacher_calls=None if calls is None else int(calls),
+        cost_usd=_least(*(s.remaining_cost_usd for s in states)),
+    )
+
+
 def usage_of(result: RelayResult) -> Usage:
-    u, b = result.usage, result.budget
+    """``relay.budget_remaining`` is what the conversation may still spend: the tightest of its
+    own budget and its API key's pool; ``relay.user_budget_remaining`` is the pool alone."""
+    u = result.usage
+    pools = [result.user_budget] if result.user_budget is not None else []
     prompt = u.student_prompt_tokens + u.teacher_prompt_tokens
     completion = u.student_tokens + u.teacher_tokens
     return Usage(
@@ -38,11 +57,8 @@ def usage_of(result: RelayResult) -> Usage:
             teacher_calls=u.teacher_calls,
             call_ratio=u.call_ratio,
             cost_usd=u.cost_usd,
-            budget_remaining=BudgetRemaining(
-                teacher_tokens=b.remaining_teacher_tokens,
-                teacher_calls=b.remaining_teacher_calls,
-                cost_usd=b.remaining_cost_usd,
-            ),
+            budget_remaining=_remaining(result.budget, *pools),
+            user_budget_remaining=_remaining(*pools) if pools else None,
         ),
     )
 

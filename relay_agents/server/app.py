@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay_agents.api import RelayResult, arelay, astream_relay
-from relay_agents.config import RelayConfig
+from relay_agents.budgets import open_budget_store
+from relay_agents.config import Budget, RelayConfig
 from relay_agents.server.answers import StreamRenderer, chat_completion, text_completion
 from relay_agents.server.errors import APIError, failure, invalid_request
 from relay_agents.server.metrics import Metrics
@@ -282,13 +283,24 @@ class RelayServer:
 
 
 def _relay_keys(conversation: str | None, pool: str | None) -> dict[str, str]:
-    """Keyword arguments of ``arelay``/``astream_relay`` naming whose budget an answer spends."""
-    return {}
+    """Keyword arguments of ``arelay``/``astream_relay`` naming whose budgets an answer spends:
+    the conversation's (without a key, each request is a conversation of its own) and the API
+    key's pool."""
+    keys = {"conversation_id": conversation, "user": pool}
+    return {name: value for name, value in keys.items() if value is not None}
+
+
+def _limited(budget: Budget) -> bool:
+    return any(
+        v is not None for v in (budget.max_teacher_tokens, budget.max_teacher_calls, budget.max_cost_usd)
+    )
 
 
 def create_app(config: RelayConfig, settings: ServerSettings | None = None) -> FastAPI:
     """The OpenAI-compatible relay server for one relay configuration."""
     server = RelayServer(config, settings or ServerSettings())
+    if any(_limited(b) for b in (config.budget, config.user_budget)):
+        open_budget_store(config.budget_store)  # a bad store fails now, not at the first call
     app = FastAPI(title="relay-agents", summary="OpenAI-compatible relay decoding server")
     app.state.relay = server
 

@@ -17,6 +17,7 @@ import openai
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from relay_agents.budgets import BudgetExceeded
 from relay_agents.clients import StreamError
 from relay_agents.server.schemas import ErrorDetail, ErrorResponse
 
@@ -124,6 +125,8 @@ def failure(exc: BaseException) -> APIError:
     """Any exception out of a relay run as the error the client gets (500 when unexpected)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, BudgetExceeded):
+        return APIError(429, f"the teacher budget is spent: {exc}", code="insufficient_quota", retry=False)
     mapped = upstream_error(exc)
     if mapped is not None:
         return mapped

@@ -219,6 +219,7 @@ class RelayUsageInfo(BaseModel):
     call_ratio: float
     cost_usd: float
     budget_remaining: BudgetRemaining
+    user_budget_remaining: BudgetRemaining | None = None
 
 
 class Usage(BaseModel):
