@@ -80,7 +80,9 @@ def invalid_request(exc: ValidationError) -> APIError:
     param = loc[0] if loc else None
     where = ".".join(loc)
     message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
+    if not loc:
+        message = f"the request body must be a JSON object: {message}"
+    elif err["type"] == "missing":
         message = f"missing required parameter: {where}"
     elif where:
         message = f"invalid parameter {where}: {message}"
