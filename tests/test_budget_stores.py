@@ -56,7 +56,11 @@ def test_a_call_is_cut_to_what_remains_then_declined(store: BudgetStore) -> None
     assert first.id is not None
     # The hold counts before anything is settled.
     second = store.reserve([scope], CallQuote(8))
-    assert (second.grant.granted, second.grant.limited_by, second.grant.scope) == (2, "budget_tokens", "conversation")
+    assert (second.grant.granted, second.grant.limited_by, second.grant.scope) == (
+        2,
+        "budget_tokens",
+        "conversation",
+    )
     assert second.id is not None
     third = store.reserve([scope], CallQuote(8))
     assert (third.grant.granted, third.grant.declined, third.id) == (0, "budget_tokens", None)
@@ -104,7 +108,11 @@ def test_a_user_pool_is_shared_by_its_conversations(store: BudgetStore) -> None:
     store.settle(a.id, a.keys, Spend(8, 1, 0))
     store.settle(b.id, b.keys, Spend(4, 1, 0))
     spent = store.spent([one.key, two.key, user.key])
-    assert (spent[one.key].teacher_tokens, spent[two.key].teacher_tokens, spent[user.key].teacher_tokens) == (8, 4, 12)
+    assert (spent[one.key].teacher_tokens, spent[two.key].teacher_tokens, spent[user.key].teacher_tokens) == (
+        8,
+        4,
+        12,
+    )
     declined = store.reserve([one, user], CallQuote(1)).grant
     assert (declined.declined, declined.scope) == ("budget_tokens", "user")
 

@@ -66,7 +66,10 @@ async def test_the_thread_id_is_the_conversation_key_inside_langgraph(
     await graph.ainvoke({"messages": [("user", "Q-thread 1")]}, run)
     state = await graph.ainvoke({"messages": [("user", "Q-thread 2")]}, run)
     assert state["messages"][-1].response_metadata["relay"]["budget"]["spent_teacher_tokens"] == 10
-    assert open_budget_store(config.budget_store).spent(["conversation:t-1"])["conversation:t-1"].teacher_tokens == 10
+    assert (
+        open_budget_store(config.budget_store).spent(["conversation:t-1"])["conversation:t-1"].teacher_tokens
+        == 10
+    )
 
 
 def test_a_user_pool_spans_conversations(scripted: ScriptedServer, tmp_path: Path) -> None:
@@ -106,9 +109,7 @@ async def test_the_cost_budget_uses_the_teacher_prices(scripted: ScriptedServer,
 
 async def test_budget_exceeded_is_raised_when_asked(scripted: ScriptedServer, tmp_path: Path) -> None:
     script_calls(scripted, "Q-raise", times=2)
-    config = config_with(
-        scripted, tmp_path, budget=Budget(max_teacher_calls=1), on_budget_exhausted="raise"
-    )
+    config = config_with(scripted, tmp_path, budget=Budget(max_teacher_calls=1), on_budget_exhausted="raise")
     await arelay("Q-raise 1", config, conversation_id="r")
     with pytest.raises(BudgetExceeded, match="teacher-call budget is spent") as info:
         await arelay("Q-raise 2", config, conversation_id="r")
@@ -143,12 +144,16 @@ async def test_64_concurrent_requests_in_one_conversation_never_overspend(
 ) -> None:
     """Every request reads the same remainder at the same time; only reservations keep the sum
     within the budget (remove them and this overspends about eight-fold)."""
-    url = f"sqlite:///{tmp_path / 'c.sqlite'}" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    url = (
+        f"sqlite:///{tmp_path / 'c.sqlite'}" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    )
     scripted.configure(latency_s=0.05)
     for i in range(64):
         script_calls(scripted, f"Q-many-{i:02d}.")
     conversation = f"many-{store}-{tmp_path.name}"
-    config = relay_config(scripted, budget_store=url, budget=Budget(max_teacher_tokens=60, max_teacher_calls=20))
+    config = relay_config(
+        scripted, budget_store=url, budget=Budget(max_teacher_tokens=60, max_teacher_calls=20)
+    )
     results = await asyncio.gather(
         *(arelay(f"Q-many-{i:02d}. go", config, conversation_id=conversation) for i in range(64))
     )
