@@ -37,6 +37,22 @@ def test_from_environment() -> None:
     assert config.user_template.endswith("put your final answer within \\boxed{}.")
 
 
+def test_budget_scopes_and_store_from_environment() -> None:
+    config = RelayConfig.from_env(
+        {
+            **ENV,
+            "RELAY_BUDGET_STORE": "postgresql://relay@db/relay",
+            "RELAY_USER_BUDGET_MAX_COST_USD": "5",
+            "RELAY_TURN_BUDGET_MAX_TEACHER_CALLS": "2",
+            "RELAY_ON_BUDGET_EXHAUSTED": "raise",
+        }
+    )
+    assert config.budget_store == "postgresql://relay@db/relay"
+    assert config.budget.max_teacher_tokens == 500  # RELAY_BUDGET_* still fills the budget
+    assert (config.user_budget.max_cost_usd, config.turn_budget.max_teacher_calls) == (5.0, 2)
+    assert config.on_budget_exhausted == "raise"
+
+
 def test_toml_then_environment_overrides(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
@@ -85,6 +101,11 @@ max_cost_usd = 0.25
             ["teacher.model", "Field required"],
         ),
         ({**ENV, "RELAY_STUDENT_TYPO": "1"}, ["student.typo"]),
+        (
+            {**ENV, "RELAY_TURN_BUDGET_MAX_TEACHER_TOKENS": "-1"},
+            ["turn_budget.max_teacher_tokens", "RELAY_TURN_BUDGET_MAX_TEACHER_TOKENS"],
+        ),
+        ({**ENV, "RELAY_ON_BUDGET_EXHAUSTED": "panic"}, ["on_budget_exhausted", "RELAY_ON_BUDGET_EXHAUSTED"]),
     ],
 )
 def test_invalid_values_name_the_field(env: dict[str, str], names: list[str]) -> None:
