@@ -1,4 +1,6 @@
-"""A multi-turn conversation whose teacher budget persists in SQLite (per thread_id).
+"""A multi-turn conversation: its messages persist in a LangGraph SQLite checkpointer and its
+teacher budget (RELAY_BUDGET_MAX_TEACHER_TOKENS, ...) in the budget store, both keyed by the
+thread_id.
 
 Run it twice: the second run continues the same thread and sees what the first one spent.
 """
