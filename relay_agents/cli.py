@@ -144,5 +144,50 @@ def demo(
     )
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (RELAY_SERVER_HOST; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (RELAY_SERVER_PORT; default 8000).")
+    ] = None,
+    config_file: ConfigOption = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="uvicorn log level (RELAY_SERVER_LOG_LEVEL; default info).")
+    ] = None,
+) -> None:
+    """Serve the relay as an OpenAI-compatible API: /v1/chat/completions, /v1/completions,
+    /v1/models, /health and /metrics. RELAY_API_KEYS (comma-separated) turns on bearer keys."""
+    try:
+        import uvicorn
+
+        from relay_agents.server import ServerSettings, create_app
+    except ImportError as exc:
+        errors.print(f"[red]error:[/red] the server needs its extra ({exc.name} is missing):")
+        errors.print("  pip install 'relay-agents[server]'")
+        raise typer.Exit(1) from None
+    config = _load(config_file)
+    try:
+        settings = ServerSettings.load(host=host, port=port, log_level=log_level)
+        server_app = create_app(config, settings)
+    except (ConfigError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    keys = f"{len(settings.api_keys)} API keys" if settings.api_keys else "no API keys (open)"
+    errors.print(
+        f"serving model {settings.model!r} on http://{settings.host}:{settings.port}/v1 "
+        f"(student {config.student.model}, teacher {config.teacher.model}; {keys})"
+    )
+    uvicorn.run(
+        server_app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        backlog=2048,
+        timeout_graceful_shutdown=5,
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

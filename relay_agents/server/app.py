@@ -9,8 +9,10 @@ cancelled, with its upstream requests, when the client disconnects.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay_agents.api import RelayResult, arelay, astream_relay
-from relay_agents.budgets import open_budget_store
+from relay_agents.budgets import close_budget_stores, open_budget_store
 from relay_agents.config import Budget, RelayConfig
 from relay_agents.server.answers import StreamRenderer, chat_completion, text_completion
 from relay_agents.server.errors import APIError, failure, invalid_request
@@ -290,6 +292,13 @@ def _relay_keys(conversation: str | None, pool: str | None) -> dict[str, str]:
     return {name: value for name, value in keys.items() if value is not None}
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """On shutdown the budget stores are closed (SQLite checkpoints its write-ahead log)."""
+    yield
+    close_budget_stores()
+
+
 def _limited(budget: Budget) -> bool:
     return any(
         v is not None for v in (budget.max_teacher_tokens, budget.max_teacher_calls, budget.max_cost_usd)
@@ -301,7 +310,7 @@ def create_app(config: RelayConfig, settings: ServerSettings | None = None) -> F
     server = RelayServer(config, settings or ServerSettings())
     if any(_limited(b) for b in (config.budget, config.user_budget)):
         open_budget_store(config.budget_store)  # a bad store fails now, not at the first call
-    app = FastAPI(title="relay-agents", summary="OpenAI-compatible relay decoding server")
+    app = FastAPI(title="relay-agents", summary="OpenAI-compatible relay decoding server", lifespan=_lifespan)
     app.state.relay = server
 
     @app.exception_handler(StarletteHTTPException)
