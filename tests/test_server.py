@@ -353,3 +353,13 @@ async def test_a_client_that_closes_a_stream_cancels_the_upstream_stream(scripte
         await stream.close()
         await until(lambda: generations(scripted, "student")[0]["disconnected"], timeout=2.0)
     assert len(generations(scripted, "student")) == 1
+
+
+async def test_explicit_nulls_are_defaults(scripted: ScriptedServer) -> None:
+    script(scripted, "Q-nulls")
+    body = {"model": "relay", "messages": [{"role": "user", "content": "Q-nulls"}]}
+    body |= dict.fromkeys(["n", "stream", "stream_options", "max_tokens", "stop", "user", "temperature"])
+    async with serving(relay_config(scripted)) as url, httpx2.AsyncClient() as http:
+        response = await http.post(f"{url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == ANSWER

@@ -201,7 +201,7 @@ class RelayServer:
         try:
             pool = self.authorize(request)
             req = self.parse(await self.read_body(request), kind)
-            obs.stream = req.stream
+            obs.stream = bool(req.stream)
             run_args = (req.wire_messages(), self.config_for(req.answer_cap))
             keys = _relay_keys(self.conversation(request, req), pool)
             rid, created = f"{kind.id_prefix}relay-{uuid.uuid4().hex}", int(time.time())

@@ -71,18 +71,19 @@ class StreamOptions(_Request):
 
 class _Generation(_Request):
     model: str
-    stream: bool = False
+    # Optional fields accept an explicit null, as the official clients may send one.
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1)
+    n: int | None = Field(default=1, ge=1)
     user: str | None = Field(default=None, max_length=256)
     stop: str | list[str] | None = None
     logprobs: Any = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
             raise ValueError("only n=1 is supported: a relayed answer has one choice")
         return value
 
@@ -156,7 +157,7 @@ class CompletionRequest(_Generation):
     """``/v1/completions``: the prompt is the question, answered like one user message."""
 
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
