@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage
-from langchain_core.runnables import RunnableLambda
+from langgraph._internal._runnable import RunnableCallable
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
@@ -382,9 +382,11 @@ def build_relay_graph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
     builder.add_node("begin", nodes.begin)
-    builder.add_node("student", RunnableLambda(nodes.student, afunc=nodes.astudent, name="student"))
-    builder.add_node("teacher", RunnableLambda(nodes.teacher, afunc=nodes.ateacher, name="teacher"))
-    builder.add_node("finish", RunnableLambda(nodes.finish, afunc=nodes.afinish, name="finish"))
+    # A sync and an async body per node, as LangGraph's prebuilt graphs do (RunnableCallable
+    # checks signatures once; RunnableLambda does it on every call).
+    builder.add_node("student", RunnableCallable(nodes.student, nodes.astudent, name="student"))
+    builder.add_node("teacher", RunnableCallable(nodes.teacher, nodes.ateacher, name="teacher"))
+    builder.add_node("finish", RunnableCallable(nodes.finish, nodes.afinish, name="finish"))
     builder.add_edge(START, "begin")
     builder.add_edge("begin", "student")
     builder.add_conditional_edges("student", _route, ["student", "teacher", "finish"])
