@@ -395,9 +395,12 @@ class EndpointClient:
                 else list(request.messages)
             )
             api = "chat"
-        if extra:
-            kwargs["extra_body"] = extra
-        return api, kwargs
+        # Only the required parameters go through the SDK's typed arguments: it type-walks
+        # every typed argument of every request (about 0.4 ms of CPU), while ``extra_body`` is
+        # sent as the plain JSON it already is. The request on the wire is the same.
+        required = ("model", "prompt" if api == "completions" else "messages")
+        typed = {name: kwargs.pop(name) for name in required}
+        return api, {**typed, "extra_body": {**kwargs, **extra}}
 
     def _needs_call_ids(self, request: Request) -> bool:
         return request.suppress_calls and self.endpoint.call_suppression == "logit_bias"
@@ -417,7 +420,8 @@ class EndpointClient:
 
     @staticmethod
     def _unstreamed(kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in kwargs.items() if k not in ("stream", "stream_options")}
+        body = {k: v for k, v in kwargs["extra_body"].items() if k not in ("stream", "stream_options")}
+        return {**kwargs, "extra_body": body}
 
     def generate(self, request: Request, on_text: OnText | None = None) -> Generation:
         """One continuation; with ``on_text`` it streams and ``on_text`` gets each text delta."""

@@ -346,6 +346,16 @@ def _route(state: RelayState) -> str:
     return route(state["answer"])
 
 
+def _both(func: Callable[..., Any], name: str, *, trace: bool = True) -> RunnableCallable:
+    """A node or edge with a sync and an async body: in async runs LangGraph would hand a
+    sync-only function to a thread pool, which costs more than the function itself."""
+
+    async def afunc(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return RunnableCallable(func, afunc, name=name, trace=trace)
+
+
 @lru_cache(maxsize=64)
 def _shared_graph(config_key: str) -> CompiledStateGraph:
     return build_relay_graph(RelayConfig.model_validate_json(config_key))
@@ -381,7 +391,7 @@ def build_relay_graph(
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
-    builder.add_node("begin", nodes.begin)
+    builder.add_node("begin", _both(nodes.begin, "begin"))
     # A sync and an async body per node, as LangGraph's prebuilt graphs do (RunnableCallable
     # checks signatures once; RunnableLambda does it on every call).
     builder.add_node("student", RunnableCallable(nodes.student, nodes.astudent, name="student"))
@@ -389,8 +399,9 @@ def build_relay_graph(
     builder.add_node("finish", RunnableCallable(nodes.finish, nodes.afinish, name="finish"))
     builder.add_edge(START, "begin")
     builder.add_edge("begin", "student")
-    builder.add_conditional_edges("student", _route, ["student", "teacher", "finish"])
-    builder.add_conditional_edges("teacher", _route, ["student", "finish"])
+    route_next = _both(_route, "route", trace=False)
+    builder.add_conditional_edges("student", route_next, ["student", "teacher", "finish"])
+    builder.add_conditional_edges("teacher", route_next, ["student", "finish"])
     builder.add_edge("finish", END)
     graph = builder.compile(checkpointer=checkpointer, name=name)
     return graph.with_config(recursion_limit=recursion_limit(config))
