@@ -169,7 +169,7 @@ def serve(
         raise typer.Exit(1) from None
     config = _load(config_file)
     try:
-        settings = ServerSettings.load(host=host, port=port, log_level=log_level)
+        settings = ServerSettings.load(config_file=config_file, host=host, port=port, log_level=log_level)
         server_app = create_app(config, settings)
     except (ConfigError, ValueError) as exc:
         errors.print(f"[red]error:[/red] {exc}")

@@ -193,6 +193,8 @@ class ConfigError(ValueError):
 
 ENV_PREFIX = "RELAY_"
 CONFIG_FILE_VAR = "RELAY_CONFIG"
+#: The TOML table that holds the relay server's settings, not the relay's.
+SERVER_TABLE = "server"
 _SECTIONS = ("student", "teacher", "turn_budget", "user_budget", "budget")
 
 
@@ -237,7 +239,8 @@ def load_config(
 ) -> RelayConfig:
     """Load a :class:`RelayConfig` from a TOML file, then ``RELAY_*`` variables, then overrides.
 
-    The file defaults to the one named by ``RELAY_CONFIG``.
+    The file defaults to the one named by ``RELAY_CONFIG``. Its ``[server]`` table, if any,
+    is the relay server's (``relay_agents.server.ServerSettings``) and is skipped here.
 
     Raises :class:`ConfigError` naming the field (and the variable or file it came from).
     """
@@ -255,6 +258,7 @@ def load_config(
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data.pop(SERVER_TABLE, None)  # `relay-agents serve`'s own settings (ServerSettings)
     env_values, sources = _env_overrides(env)
     data = _merge(data, env_values)
     if overrides:

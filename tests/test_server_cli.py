@@ -88,3 +88,23 @@ def test_serve_with_a_bad_relay_config_names_the_field(tmp_path: Path) -> None:
     env.update({"RELAY_STUDENT_BASE_URL": "nope", "RELAY_STUDENT_MODEL": "s"})
     out = run([CLI, "serve"], env)
     assert out.returncode == 2 and "student.base_url (RELAY_STUDENT_BASE_URL)" in out.stderr
+
+
+def test_server_settings_come_from_the_config_files_server_table(tmp_path: Path) -> None:
+    from relay_agents.config import ConfigError, load_config
+    from relay_agents.server import ServerSettings
+
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[student]\nbase_url = "http://127.0.0.1:1/v1"\nmodel = "s"\n'
+        '[teacher]\nbase_url = "http://127.0.0.1:2/v1"\nmodel = "t"\n'
+        '[server]\nport = 9123\nmodel = "relay-from-file"\nmax_prompt_chars = 500\n'
+    )
+    assert load_config(path, env={}).student.model == "s"  # the relay config skips [server]
+    settings = ServerSettings.load({"RELAY_SERVER_PORT": "9200"}, config_file=path, max_prompt_chars=None)
+    assert (settings.port, settings.model, settings.max_prompt_chars) == (9200, "relay-from-file", 500)
+    assert ServerSettings.load({"RELAY_CONFIG": str(path)}).model == "relay-from-file"
+
+    path.write_text(path.read_text().replace("port = 9123", 'port = "high"'))
+    with pytest.raises(ConfigError, match=r"port \(.*relay\.toml \[server\]\)"):
+        ServerSettings.load({}, config_file=path)

@@ -3,7 +3,7 @@
 They live apart from :class:`~relay_agents.config.RelayConfig`, which describes the relay:
 the same relay configuration can be served, benchmarked or used as a library. Values come
 from keyword arguments (the CLI flags), then ``RELAY_SERVER_*`` variables and
-``RELAY_API_KEYS``, then the defaults.
+``RELAY_API_KEYS``, then the ``[server]`` table of the config file, then the defaults.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from relay_agents.config import ConfigError
+from relay_agents.config import CONFIG_FILE_VAR, SERVER_TABLE, ConfigError
 
 SERVER_ENV_PREFIX = "RELAY_SERVER_"
 API_KEYS_VAR = "RELAY_API_KEYS"
@@ -52,14 +53,32 @@ class ServerSettings(BaseModel):
         return value
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
-        """Defaults < ``RELAY_SERVER_*`` / ``RELAY_API_KEYS`` < ``overrides`` (``None`` is skipped).
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        config_file: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> ServerSettings:
+        """Defaults < the ``[server]`` table of ``config_file`` (default: ``RELAY_CONFIG``) <
+        ``RELAY_SERVER_*`` / ``RELAY_API_KEYS`` < ``overrides`` (``None`` is skipped).
 
-        Raises :class:`~relay_agents.config.ConfigError` naming the field and its variable.
+        Raises :class:`~relay_agents.config.ConfigError` naming the field and where it came from.
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        path = config_file if config_file is not None else env.get(CONFIG_FILE_VAR) or None
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    table = tomllib.load(fh).get(SERVER_TABLE, {})
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{SERVER_TABLE}] must be a table")
+            values.update(table)
+            sources.update({field: f"{path} [{SERVER_TABLE}]" for field in table})
         for name, raw in env.items():
             if name.startswith(SERVER_ENV_PREFIX):
                 field = name[len(SERVER_ENV_PREFIX) :].lower()
