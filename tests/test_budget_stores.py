@@ -176,13 +176,18 @@ def test_processes_share_one_budget(store_url: str) -> None:
 
 
 def test_the_sqlite_store_uses_wal_mode(tmp_path: Path) -> None:
-    SQLiteBudgetStore(tmp_path / "b.sqlite").close()
-    with sqlite3.connect(tmp_path / "b.sqlite") as conn:
+    store = SQLiteBudgetStore(tmp_path / "state" / "b.sqlite")
+    assert not (tmp_path / "state").exists()  # nothing is opened before first use
+    store.spent(["conversation:x"])
+    store.close()
+    with sqlite3.connect(tmp_path / "state" / "b.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_open_budget_store_reads_urls(tmp_path: Path, postgres_url: str) -> None:
-    assert isinstance(open_budget_store(f"sqlite:///{tmp_path / 'a.sqlite'}"), SQLiteBudgetStore)
+    store = open_budget_store(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    assert isinstance(store, SQLiteBudgetStore)
+    store.spent(["conversation:x"])
     assert open_budget_store(str(tmp_path / "b.sqlite")) is open_budget_store(str(tmp_path / "b.sqlite"))
     assert isinstance(open_budget_store(postgres_url), PostgresBudgetStore)
     assert (tmp_path / "a.sqlite").exists()

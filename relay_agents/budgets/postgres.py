@@ -7,6 +7,7 @@ in one transaction: concurrent reservations on the same scope queue on the row l
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -45,12 +46,25 @@ class PostgresBudgetStore(BudgetStore):
 
     def __init__(self, conninfo: str, *, reservation_ttl_s: float = 600.0, max_connections: int = 8):
         super().__init__(reservation_ttl_s=reservation_ttl_s)
-        self.pool = ConnectionPool(
-            conninfo, min_size=1, max_size=max_connections, open=True, kwargs={"autocommit": True}
+        # Opened on first use, which the async methods run in a worker thread: building a
+        # store inside a graph node must not block the event loop on connecting.
+        self._pool = ConnectionPool(
+            conninfo, min_size=1, max_size=max_connections, open=False, kwargs={"autocommit": True}
         )
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay_budget_schema'))")
-            conn.execute(_SCHEMA)
+        self._opened = False
+        self._open_lock = threading.Lock()
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if not self._opened:
+            with self._open_lock:
+                if not self._opened:
+                    self._pool.open(wait=True)
+                    with self._pool.connection() as conn, conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(hashtext('relay_budget_schema'))")
+                        conn.execute(_SCHEMA)
+                    self._opened = True
+        return self._pool
 
     def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> ScopedGrant:
         keys = sorted({s.key for s in scopes})
@@ -126,4 +140,4 @@ class PostgresBudgetStore(BudgetStore):
         return out
 
     def close(self) -> None:
-        self.pool.close()
+        self._pool.close()

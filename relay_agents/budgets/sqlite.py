@@ -42,27 +42,31 @@ class SQLiteBudgetStore(BudgetStore):
     def __init__(self, path: str | Path, *, reservation_ttl_s: float = 600.0, busy_timeout_s: float = 30.0):
         super().__init__(reservation_ttl_s=reservation_ttl_s)
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        conn = self._connection()
-        conn.execute("PRAGMA journal_mode=WAL")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        self._ready = False
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection; the first one creates the schema. Nothing is opened
+        before first use, which the async methods run in a worker thread."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
+                if not self._ready:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    self._ready = True
+            self._local.conn = conn
         return conn
 
     @contextmanager
