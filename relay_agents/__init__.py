@@ -16,13 +16,25 @@ from relay_agents.api import (
 from relay_agents.chat_model import ChatRelay
 from relay_agents.config import Budget, ConfigError, Endpoint, RelayConfig, load_config
 from relay_agents.graph import build_relay_graph
+from relay_agents.policies import (
+    CommandPolicy,
+    ConfidencePolicy,
+    IntervalPolicy,
+    RandomPolicy,
+    TeacherFreePolicy,
+    TeacherOnlyPolicy,
+)
 
 __all__ = [
     "Budget",
     "BudgetState",
     "ChatRelay",
+    "CommandPolicy",
+    "ConfidencePolicy",
     "ConfigError",
     "Endpoint",
+    "IntervalPolicy",
+    "RandomPolicy",
     "RelayConfig",
     "RelayDelta",
     "RelayEvent",
@@ -30,6 +42,8 @@ __all__ = [
     "RelayStream",
     "RelayUsage",
     "Span",
+    "TeacherFreePolicy",
+    "TeacherOnlyPolicy",
     "arelay",
     "astream_relay",
     "build_relay_graph",

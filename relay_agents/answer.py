@@ -20,6 +20,14 @@ from relay_agents.budgets.limits import (
 )
 from relay_agents.clients import Generation, Request
 from relay_agents.config import Budget, RelayConfig
+from relay_agents.policies import (
+    AnswerSoFar,
+    TeacherFreePolicy,
+    TurnPlan,
+    call_tokens,
+    plan_turn,
+    teacher_stop,
+)
 from relay_agents.prompts import Message
 from relay_agents.protocol import (
     CALL_CLOSE,
@@ -54,11 +62,13 @@ class ReservationDict(TypedDict):
     keys: list[str]
 
 
-class CallDict(TypedDict):
+class CallDict(TypedDict, total=False):
     requested: int
     granted: int
     view_before_command: int
     reservation: ReservationDict | None
+    source: str  # "command", or the policy that started the call
+    stop: list[str] | None  # where the teacher stops early (a policy's step boundary)
 
 
 class Ledger(TypedDict):
@@ -79,6 +89,8 @@ class AnswerState(TypedDict):
     student_tokens: int
     teacher_tokens: int
     teacher_calls: int
+    student_discarded_tokens: int
+    since_call: int | None
     student_prompt_tokens: int
     teacher_prompt_tokens: int
     student_cost_usd: float
@@ -108,12 +120,14 @@ def start_answer(messages: list[Message], config: RelayConfig) -> AnswerState:
         "student_tokens": 0,
         "teacher_tokens": 0,
         "teacher_calls": 0,
+        "student_discarded_tokens": 0,
+        "since_call": None,
         "student_prompt_tokens": 0,
         "teacher_prompt_tokens": 0,
         "student_cost_usd": 0.0,
         "teacher_cost_usd": 0.0,
         "call": None,
-        "calls_suppressed": config.policy == "teacher_free",
+        "calls_suppressed": isinstance(config.policy, TeacherFreePolicy),
         "events": [],
         "finish_reason": None,
         "finished_by": None,
@@ -133,14 +147,53 @@ def route(answer: AnswerState) -> Route:
 # --------------------------------------------------------------------------- student
 
 
-def student_request(answer: AnswerState, config: RelayConfig) -> Request:
+def _calls_open(answer: AnswerState, config: RelayConfig) -> bool:
+    """Whether a call could still be granted by the answer's own limits."""
+    turn = config.turn_budget
+    return not (
+        answer["calls_suppressed"]
+        or (turn.max_teacher_calls is not None and answer["teacher_calls"] >= turn.max_teacher_calls)
+        or (turn.max_teacher_tokens is not None and answer["teacher_tokens"] >= turn.max_teacher_tokens)
+    )
+
+
+def student_plan(answer: AnswerState, config: RelayConfig) -> TurnPlan:
+    """What the policy lets the next student turn do (see :func:`relay_agents.policies.plan_turn`)."""
+    so_far = AnswerSoFar(
+        student_tokens=answer["student_tokens"],
+        teacher_tokens=answer["teacher_tokens"],
+        teacher_calls=answer["teacher_calls"],
+        since_call=answer.get("since_call"),
+        tokens_left=answer_tokens_left(answer, config),
+        calls_open=_calls_open(answer, config),
+        key=repr(answer["messages"]),
+    )
+    return plan_turn(
+        config.policy,
+        so_far,
+        min_gap=config.min_tokens_between_calls,
+        target_share=config.target_teacher_share,
+    )
+
+
+def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | None = None) -> Request:
+    plan = plan or TurnPlan()
+    left = answer_tokens_left(answer, config)
     return Request(
         messages=answer["messages"],
         answer=answer["student_view"],
-        max_tokens=answer_tokens_left(answer, config),
+        max_tokens=left if plan.max_tokens is None else min(plan.max_tokens, left),
         stop=[CALL_CLOSE],
-        suppress_calls=answer["calls_suppressed"],
+        suppress_calls=answer["calls_suppressed"] or plan.suppress_calls,
         enable_thinking=config.enable_thinking,
+        logprobs=plan.logprobs,
+    )
+
+
+def skipped_student_turn() -> Generation:
+    """The student turn of a plan that calls before the student writes (teacher-only)."""
+    return Generation(
+        text="", finish_reason=None, stop_reason=None, prompt_tokens=0, completion_tokens=0, cut=True
     )
 
 
@@ -155,11 +208,14 @@ def finish_student_turn(
     generation: Generation,
     streamed: str,
     flt: CleanTextFilter,
+    plan: TurnPlan | None = None,
 ) -> tuple[AnswerState, list[Delta]]:
     """Apply a student turn. ``streamed`` is the clean text already emitted by ``flt``.
 
     ``ledger`` is the thread's spend, checked against ``config.budget``; ``None`` when a
-    budget store checks the conversation instead (:func:`apply_reservation`).
+    budget store checks the conversation instead (:func:`apply_reservation`). ``plan`` is the
+    turn's :class:`TurnPlan`: a turn cut before an unsure token, or one that reached the
+    policy's quota, ends in a call the policy starts, granted like a command.
     """
     a: AnswerState = {**answer, "spans": list(answer["spans"]), "events": list(answer["events"])}
     text = generation.text
@@ -167,9 +223,13 @@ def finish_student_turn(
         text += CALL_CLOSE  # a server that drops the stop string from the output
     a["student_turns"] += 1
     a["student_tokens"] += generation.completion_tokens
+    a["student_discarded_tokens"] = a.get("student_discarded_tokens", 0) + generation.discarded_tokens
+    if a.get("since_call") is not None:
+        a["since_call"] = (a["since_call"] or 0) + generation.completion_tokens
     a["student_prompt_tokens"] += generation.prompt_tokens
-    a["student_cost_usd"] += config.student.price(generation.prompt_tokens, generation.completion_tokens)
-    command = parse_call(text)
+    a["student_cost_usd"] += config.student.price(
+        generation.prompt_tokens, generation.completion_tokens + generation.discarded_tokens
+    )
     deltas: list[Delta] = []
 
     def close_turn(answered: bool) -> None:
@@ -179,6 +239,33 @@ def finish_student_turn(
         _add_span(a, "student", streamed + tail, generation.completion_tokens)
         a["started"] = flt.answer_started
 
+    at_quota = plan is not None and plan.call_at_limit and generation.finish_reason == "length"
+    if generation.cut or at_quota:
+        requested = call_tokens(config.policy, answer_tokens_left(a, config))
+        a["student_view"] += text
+        grant = _grant(a, ledger, config, requested)
+        if grant.declined:
+            a["events"].append(_decline_event(grant))
+            a["calls_suppressed"] = True
+            close_turn(False)
+            _continue_or_stop(a, config, "student")
+            return a, deltas
+        if grant.granted < requested:
+            a["events"].append(_cut_event(grant))
+        a["call"] = {
+            "requested": requested,
+            "granted": grant.granted,
+            "view_before_command": len(a["student_view"]),
+            "reservation": None,
+            "source": config.policy.kind,
+            "stop": teacher_stop(config.policy),
+        }
+        a["held"] = flt.pending
+        _add_span(a, "student", streamed, generation.completion_tokens)
+        a["started"] = flt.answer_started
+        return a, deltas
+
+    command = parse_call(text)
     if command is None:
         a["student_view"] += text
         close_turn(False)
@@ -224,6 +311,8 @@ def finish_student_turn(
         "granted": grant.granted,
         "view_before_command": len(a["student_view"]) + len(command.prefix),
         "reservation": None,
+        "source": "command",
+        "stop": None,
     }
     a["student_view"] += text
     a["held"] = flt.pending
@@ -245,6 +334,12 @@ def _grant(a: AnswerState, ledger: Ledger | None, config: RelayConfig, requested
     )
     if base.declined:
         return ScopedGrant(requested, 0, base.limited_by, base.declined)
+    target = config.target_teacher_share
+    if target is not None and call_ratio(a["student_tokens"], a["teacher_tokens"]) >= target:
+        return ScopedGrant(requested, 0, None, "target_share")
+    since = a.get("since_call")
+    if since is not None and since < config.min_tokens_between_calls:
+        return ScopedGrant(requested, 0, None, "min_gap")
     budgets: list[tuple[ScopeKind, Budget, Spend]] = [
         ("turn", config.turn_budget, Spend(a["teacher_tokens"], a["teacher_calls"], a["teacher_cost_usd"]))
     ]
@@ -289,6 +384,8 @@ _DECLINE_TEXT = {
     "budget_calls": "{scope} teacher-call budget is spent",
     "budget_cost": "{scope} teacher cost budget is spent",
     "answer_tokens": "the answer has no tokens left",
+    "target_share": "the answer's teacher-token share reached its target",
+    "min_gap": "too few student tokens since the last call",
 }
 
 
@@ -377,6 +474,7 @@ def teacher_request(answer: AnswerState, config: RelayConfig) -> Request:
         messages=answer["messages"],
         answer=teacher_view(answer["student_view"]),
         max_tokens=call["granted"],
+        stop=call.get("stop"),
         enable_thinking=config.enable_thinking,
     )
 
@@ -421,7 +519,11 @@ def finish_teacher_call(
         _add_span(a, "student", tail, 0)
     tokens = generation.completion_tokens
     cost = config.teacher.price(generation.prompt_tokens, tokens)
+    if call.get("source", "command") != "command":
+        # no command to keep: the view is what the teacher continued (its trailing space dropped)
+        a["student_view"] = a["student_view"].rstrip()
     a["student_view"] += generation.text
+    a["since_call"] = 0
     a["teacher_tokens"] += tokens
     a["teacher_calls"] += 1
     a["teacher_prompt_tokens"] += generation.prompt_tokens
@@ -445,8 +547,8 @@ def finish_teacher_call(
             }
         )
         _continue_or_stop(a, config, "teacher")
-    elif generation.finish_reason == "stop":
-        _finish(a, "stop", "teacher")  # the teacher ended the answer (EOS)
+    elif generation.finish_reason == "stop" and not generation.hit_stop_string:
+        _finish(a, "stop", "teacher")  # the teacher ended the answer (EOS), not at a step boundary
     else:
         _continue_or_stop(a, config, "teacher")
     return a, new, deltas
@@ -504,6 +606,7 @@ def relay_metadata(
             "student_tokens": answer["student_tokens"],
             "teacher_tokens": answer["teacher_tokens"],
             "teacher_calls": answer["teacher_calls"],
+            "student_discarded_tokens": answer.get("student_discarded_tokens", 0),
             "call_ratio": call_ratio(answer["student_tokens"], answer["teacher_tokens"]),
             "cost_usd": answer["student_cost_usd"] + answer["teacher_cost_usd"],
             "student_prompt_tokens": answer["student_prompt_tokens"],

@@ -28,6 +28,8 @@ class RelayUsage(BaseModel):
     student_tokens: int = 0
     teacher_tokens: int = 0
     teacher_calls: int = 0
+    student_discarded_tokens: int = 0
+    """Student tokens generated after a policy's cut: paid for, not in the answer."""
     call_ratio: float = 0.0
     cost_usd: float = 0.0
     student_prompt_tokens: int = 0

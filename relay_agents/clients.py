@@ -29,10 +29,14 @@ from tenacity import (
 )
 
 from relay_agents.config import Endpoint, identity
+from relay_agents.policies import TokenLogprob
 from relay_agents.prompts import ChatTemplate, Message, instruct_messages
 from relay_agents.protocol import CALL_CLOSE, CALL_OPEN
 
 OnText = Callable[[str], None]
+#: Called with each generated token (its index in the reply, its log-probabilities); True
+#: cuts the reply just before that token and stops reading it.
+Watch = Callable[[int, TokenLogprob], bool]
 #: Both tags are banned when calls are blocked: a student that may not open a command
 #: must not close one either.
 CALL_TAGS = (CALL_OPEN, CALL_CLOSE)
@@ -62,6 +66,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     error: Exception | None = None  # the stream broke after its first chunk
+    cut: bool = False  # a watch cut the reply before a token (``text`` ends just before it)
+    discarded_tokens: int = 0  # tokens generated after the cut (paid for, not in ``text``)
 
     @property
     def hit_stop_string(self) -> bool:
@@ -78,6 +84,7 @@ class Request:
     stop: list[str] | None = None
     suppress_calls: bool = False
     enable_thinking: bool = False
+    logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
 
 
 class StreamError(ValueError):
@@ -93,16 +100,24 @@ class _Collector:
 
     __slots__ = (
         "chunks",
+        "cut",
         "finish_reason",
         "limit",
         "parts",
         "prompt_tokens",
+        "received",
         "stop_reason",
+        "tokens",
         "trimmed",
         "usage_tokens",
+        "watch",
     )
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, watch: Watch | None = None) -> None:
+        self.watch = watch
+        self.tokens = 0  # tokens kept (before a cut), counted from log-probabilities
+        self.received = 0  # tokens received in log-probabilities, a cut one included
+        self.cut = False
         self.parts: list[str] = []
         self.chunks = 0
         self.limit = limit  # chat-instruct: trim to N content chunks
@@ -140,9 +155,14 @@ class _Collector:
         delta = choice.get("text")
         if delta is None:
             delta = (choice.get("delta") or choice.get("message") or {}).get("content")
+        if self.cut:
+            return ""
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
             self.stop_reason = choice.get("stop_reason")
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            delta = self._watched(delta or "", logprobs)
         if delta:
             self.parts.append(delta)
             self.chunks += 1
@@ -150,20 +170,69 @@ class _Collector:
                 self.trimmed = True  # trimmed: stop reading (the connection is dropped)
         return delta or ""
 
+    def _watched(self, delta: str, logprobs: dict[str, Any]) -> str:
+        """Count this chunk's tokens and let the watch cut before one; return the text kept.
+
+        A chunk's text is the concatenation of its tokens' texts (vLLM, both formats). Where it
+        is not (a stop string cut inside a token, undecodable bytes) and a cut falls in the
+        chunk, the whole chunk is dropped, so the token the watch rejected never shows.
+        """
+        tokens = parse_logprobs(logprobs)
+        self.received += len(tokens)
+        if self.watch is None:
+            self.tokens += len(tokens)
+            return delta
+        for i, token in enumerate(tokens):
+            if self.watch(self.tokens, token):
+                self.cut = self.trimmed = True
+                self.finish_reason, self.stop_reason = None, None
+                kept = "".join(t.token for t in tokens[:i])
+                whole = "".join(t.token for t in tokens)
+                return kept if whole == delta else ""
+            self.tokens += 1
+        return delta
+
     def result(self, error: Exception | None = None) -> Generation:
         if self.limit is not None and self.chunks >= self.limit and self.finish_reason is None:
             self.finish_reason = "length"
-        tokens = self.usage_tokens if self.usage_tokens is not None else self.chunks
+        seen = self.received or self.chunks
+        generated = self.usage_tokens if self.usage_tokens is not None else seen
         if self.limit is not None:
-            tokens = min(tokens, self.limit)
+            generated = min(generated, self.limit)
+        kept = self.tokens if self.cut else generated
         return Generation(
             text="".join(self.parts),
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             prompt_tokens=self.prompt_tokens,
-            completion_tokens=tokens,
+            completion_tokens=kept,
             error=error,
+            cut=self.cut,
+            discarded_tokens=max(generated - kept, 0) if self.cut else 0,
         )
+
+
+def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
+    """Tokens with their log-probabilities from a choice's ``logprobs``, in either format:
+    completions (``tokens``, ``token_logprobs``, ``top_logprobs`` as dicts) or chat
+    (``content: [{token, logprob, top_logprobs: [{token, logprob}]}]``)."""
+    content = logprobs.get("content")
+    if content is not None:
+        return [
+            TokenLogprob(
+                item.get("token") or "",
+                item.get("logprob"),
+                tuple((alt.get("token") or "", alt.get("logprob")) for alt in item.get("top_logprobs") or ()),
+            )
+            for item in content
+        ]
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or [None] * len(tokens)
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return [
+        TokenLogprob(tok or "", lp, tuple((top or {}).items()))
+        for tok, lp, top in zip(tokens, values, tops, strict=False)
+    ]
 
 
 class EndpointClient:
@@ -366,6 +435,12 @@ class EndpointClient:
             if value is not None:
                 kwargs[name] = value
         kwargs[ep.max_tokens_param] = request.max_tokens
+        if request.logprobs is not None:
+            if ep.api == "completions":
+                kwargs["logprobs"] = request.logprobs
+            else:
+                kwargs["logprobs"] = True
+                kwargs["top_logprobs"] = request.logprobs
         extra = dict(ep.extra_body)
         if request.stop:
             kwargs["stop"] = request.stop
@@ -423,15 +498,21 @@ class EndpointClient:
         body = {k: v for k, v in kwargs["extra_body"].items() if k not in ("stream", "stream_options")}
         return {**kwargs, "extra_body": body}
 
-    def generate(self, request: Request, on_text: OnText | None = None) -> Generation:
-        """One continuation; with ``on_text`` it streams and ``on_text`` gets each text delta."""
+    def generate(
+        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+    ) -> Generation:
+        """One continuation; with ``on_text`` it streams and ``on_text`` gets each text delta.
+
+        ``watch`` (with ``request.logprobs``) sees each token and may cut the reply before one:
+        a stream stops there (the connection is closed), a whole reply is cut after the fact.
+        """
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, kwargs = self._kwargs(request, prefix, call_ids)
         if self._whole(request, on_text):
             whole = self.sync_client.with_raw_response
             create_whole = whole.completions.create if api == "completions" else whole.chat.completions.create
-            collector = _Collector(None)
+            collector = _Collector(None, watch)
             for attempt in Retrying(**self._retry_args()):
                 with attempt:
                     body = create_whole(**self._unstreamed(kwargs)).http_response.json()
@@ -439,7 +520,7 @@ class EndpointClient:
             return collector.result()
         raw = self.sync_client.with_streaming_response
         create = raw.completions.create if api == "completions" else raw.chat.completions.create
-        collector = _Collector(self._trim_limit(request))
+        collector = _Collector(self._trim_limit(request), watch)
         for attempt in Retrying(**self._retry_args()):
             with attempt:
                 opened = create(**kwargs)
@@ -462,24 +543,26 @@ class EndpointClient:
             opened.__exit__(None, None, None)
         return collector.result()
 
-    async def agenerate(self, request: Request, on_text: OnText | None = None) -> Generation:
+    async def agenerate(
+        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+    ) -> Generation:
         """Async :meth:`generate`."""
         try:
-            gen = await self._agenerate(request, on_text)
+            gen = await self._agenerate(request, on_text, watch)
         except openai.APITimeoutError as exc:
             raise _unmasked(exc) from exc
         if gen.error is not None:
             gen.error = _unmasked(gen.error)
         return gen
 
-    async def _agenerate(self, request: Request, on_text: OnText | None) -> Generation:
+    async def _agenerate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, kwargs = self._kwargs(request, prefix, call_ids)
         if self._whole(request, on_text):
             whole = self.async_client.with_raw_response
             create_whole = whole.completions.create if api == "completions" else whole.chat.completions.create
-            collector = _Collector(None)
+            collector = _Collector(None, watch)
             async for attempt in AsyncRetrying(**self._retry_args()):
                 with attempt:
                     body = (await create_whole(**self._unstreamed(kwargs))).http_response.json()
@@ -487,7 +570,7 @@ class EndpointClient:
             return collector.result()
         raw = self.async_client.with_streaming_response
         create = raw.completions.create if api == "completions" else raw.chat.completions.create
-        collector = _Collector(self._trim_limit(request))
+        collector = _Collector(self._trim_limit(request), watch)
         async for attempt in AsyncRetrying(**self._retry_args()):
             with attempt:
                 opened = create(**kwargs)

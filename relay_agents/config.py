@@ -16,7 +16,10 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from relay_agents.policies import POLICY_KINDS, CommandPolicy, PolicySpec, normalise_policy_input
 
 DEFAULT_USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_INSTRUCT_TEMPLATE = (
@@ -136,9 +139,21 @@ class RelayConfig(_Strict):
         description="`continue`: the student finishes alone and the result says so; "
         "`raise`: raise BudgetExceeded.",
     )
-    policy: Literal["command", "teacher_free"] = Field(
-        default="command",
-        description="`command`: the student's <call>N</call>; `teacher_free`: calls blocked.",
+    policy: PolicySpec = Field(
+        default_factory=CommandPolicy,
+        description="Who decides where the teacher writes (relay_agents.policies): `command` (the "
+        "student's <call>N</call>), `confidence`, `interval`, `random`, `teacher_free`, "
+        "`teacher_only`; a string is the policy of that kind with its defaults.",
+    )
+    min_tokens_between_calls: int = Field(
+        default=0, ge=0, description="Student tokens the answer needs between two calls (any policy)."
+    )
+    target_teacher_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="No call starts while the answer's teacher-token share is at or above this "
+        "(any policy; a student's own command is then declined and calls stop).",
     )
     system_prompt: str | None = None
     user_template: str = DEFAULT_USER_TEMPLATE
@@ -152,6 +167,11 @@ class RelayConfig(_Strict):
         "answer (the published evaluation scored it as a failure).",
     )
     on_teacher_failure: Literal["continue", "raise"] = "continue"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_shorthand(cls, data: Any) -> Any:
+        return normalise_policy_input(data)
 
     @field_validator("student")
     @classmethod
@@ -210,6 +230,11 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower()
+        if key == "policy" or key.startswith("policy_"):
+            field = key[len("policy_") :] or "kind"
+            values.setdefault("policy", {})[field] = raw
+            sources[f"policy.{field}"] = name
+            continue
         section = next((s for s in _SECTIONS if key.startswith(s + "_")), None)
         if key in top_fields:
             values[key] = raw
@@ -259,6 +284,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     data.pop(SERVER_TABLE, None)  # `relay-agents serve`'s own settings (ServerSettings)
+    data = normalise_policy_input(data)  # `policy = "confidence"` merges with RELAY_POLICY_*
     env_values, sources = _env_overrides(env)
     data = _merge(data, env_values)
     if overrides:
@@ -268,7 +294,10 @@ def load_config(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
+            loc = [str(p) for p in err["loc"]]
+            if loc[:1] == ["policy"] and len(loc) > 2 and loc[1] in POLICY_KINDS:
+                del loc[1]  # the discriminator's tag: policy.threshold, not policy.confidence.threshold
+            field = ".".join(loc)
             where = sources.get(field, origin)
             problems.append(f"{field} ({where}): {err['msg']}")
         raise ConfigError("invalid relay configuration: " + "; ".join(problems)) from None

@@ -37,8 +37,10 @@ from relay_agents.answer import (
     new_ledger,
     relay_metadata,
     route,
+    skipped_student_turn,
     start_answer,
     student_filter,
+    student_plan,
     student_request,
     teacher_request,
 )
@@ -46,6 +48,7 @@ from relay_agents.budgets.limits import ScopeKind, Spend, has_limits
 from relay_agents.budgets.store import BudgetExceeded, BudgetStore, Reservation, Scope, open_budget_store
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
 from relay_agents.config import RelayConfig, identity
+from relay_agents.policies import TurnPlan
 from relay_agents.prompts import protocol_messages, to_openai_messages
 from relay_agents.protocol import CleanTextFilter
 
@@ -170,7 +173,7 @@ class RelayNodes:
     # student -------------------------------------------------------------------------
 
     def _after_student(
-        self, state: RelayState, turn: _StudentTurn, gen: Generation, scopes: list[Scope]
+        self, state: RelayState, turn: _StudentTurn, gen: Generation, scopes: list[Scope], plan: TurnPlan
     ) -> AnswerState:
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
@@ -182,6 +185,7 @@ class RelayNodes:
             gen,
             "".join(turn.parts),
             turn.filter,
+            plan,
         )
         _write(turn.writer, deltas)
         return answer
@@ -204,11 +208,15 @@ class RelayNodes:
         turn = _StudentTurn(state["answer"], get_stream_writer())
         live = _context().stream_tokens
         scopes = self._scopes()
-        request = student_request(state["answer"], self.config)
-        gen = self.student_client.generate(request, turn.on_text if live else None)
+        plan = student_plan(state["answer"], self.config)
+        request = student_request(state["answer"], self.config, plan)
+        if plan.call_at_start:
+            gen = skipped_student_turn()
+        else:
+            gen = self.student_client.generate(request, turn.on_text if live else None, _watch(plan))
         if not live:
             turn.on_text(gen.text)
-        answer = self._after_student(state, turn, gen, scopes)
+        answer = self._after_student(state, turn, gen, scopes, plan)
         reserved: Reservation | None = None
         if answer["call"] is not None and scopes:
             quote = call_quote(answer, self.config, answer["call"]["granted"])
@@ -219,11 +227,15 @@ class RelayNodes:
         turn = _StudentTurn(state["answer"], get_stream_writer())
         live = _context().stream_tokens
         scopes = self._scopes()
-        request = student_request(state["answer"], self.config)
-        gen = await self.student_client.agenerate(request, turn.on_text if live else None)
+        plan = student_plan(state["answer"], self.config)
+        request = student_request(state["answer"], self.config, plan)
+        if plan.call_at_start:
+            gen = skipped_student_turn()
+        else:
+            gen = await self.student_client.agenerate(request, turn.on_text if live else None, _watch(plan))
         if not live:
             turn.on_text(gen.text)
-        answer = self._after_student(state, turn, gen, scopes)
+        answer = self._after_student(state, turn, gen, scopes, plan)
         reserved: Reservation | None = None
         if answer["call"] is not None and scopes:
             quote = call_quote(answer, self.config, answer["call"]["granted"])
@@ -326,6 +338,11 @@ class RelayNodes:
         scopes = self._scopes()
         spent = await self.budget_store.aspent([s.key for s in scopes]) if scopes else {}
         return self._reply(state, {s.kind: spent[s.key] for s in scopes})
+
+
+def _watch(plan: TurnPlan) -> Callable[..., bool] | None:
+    """The plan's token check, when the policy reads the student's tokens as they come."""
+    return plan.unsure if plan.watch_from is not None else None
 
 
 def _reservation(answer: AnswerState) -> ReservationDict | None:

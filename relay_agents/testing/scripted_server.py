@@ -3,8 +3,9 @@
 The server (a Starlette app run by uvicorn in a subprocess) answers ``/v1/completions`` and
 ``/v1/chat/completions`` like vLLM does, but the text each model "would" generate comes from
 scripts registered through admin endpoints under ``/_scripted/``. Stop strings, ``max_tokens``,
-``include_stop_str_in_output``, streaming, usage and call suppression (``bad_words`` /
-``logit_bias``) are applied to the scripted text the way vLLM applies them to a real model's
+``include_stop_str_in_output``, streaming, usage, token log-probabilities (``logprobs`` /
+``top_logprobs``, from per-token probabilities in the script) and call suppression
+(``bad_words`` / ``logit_bias``) are applied to the scripted text the way vLLM applies them to a real model's
 output. Faults (HTTP errors, hangs, dropped connections, malformed bodies) can be queued.
 
 Run directly with ``python -m relay_agents.testing.scripted_server --host 127.0.0.1 --port P``
@@ -18,6 +19,7 @@ import asyncio
 import atexit
 import contextlib
 import json
+import math
 import os
 import re
 import socket
@@ -152,6 +154,73 @@ def _truncate(pieces: list[str], total: int, keep: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Log-probabilities (deterministic, from the script's per-token probabilities)
+# --------------------------------------------------------------------------------------------
+
+#: The log-probability given to alternatives with no probability left (JSON has no -inf).
+_FLOOR_LOGPROB = -30.0
+
+
+def _logprob(p: float) -> float:
+    return math.log(p) if p > 0 else _FLOOR_LOGPROB
+
+
+def token_logprobs(piece: str, prob: float | None, k: int) -> tuple[float, list[tuple[str, float]]]:
+    """The sampled token's log-probability and its top-``k`` list: the token itself first, then
+    ``k - 1`` alternatives ``<alt1>``, ... sharing what probability is left equally."""
+    p = 1.0 if prob is None else float(prob)
+    top = [(piece, _logprob(p))]
+    if k > 1:
+        rest = (1.0 - p) / (k - 1)
+        top += [(f"<alt{i}>", _logprob(rest)) for i in range(1, k)]
+    return _logprob(p), top[: max(k, 1)]
+
+
+def logprobs_payload(
+    pieces: list[str], probs: list[float | None], k: int, *, chat: bool, offset: int = 0
+) -> dict:
+    """The ``logprobs`` object of a choice (or of one streamed chunk) in vLLM's format."""
+    rows = [token_logprobs(piece, probs[i] if i < len(probs) else None, k) for i, piece in enumerate(pieces)]
+    if chat:
+        return {
+            "content": [
+                {
+                    "token": piece,
+                    "logprob": lp,
+                    "bytes": list(piece.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top],
+                }
+                for piece, (lp, top) in zip(pieces, rows, strict=True)
+            ]
+        }
+    offsets, at = [], offset
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": list(pieces),
+        "token_logprobs": [lp for lp, _ in rows],
+        "top_logprobs": [dict(top) for _, top in rows],
+        "text_offset": offsets,
+    }
+
+
+def _requested_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Top-k asked for (completions ``logprobs: k``; chat ``logprobs: true, top_logprobs: k``)."""
+    if chat:
+        if not body.get("logprobs"):
+            return None
+        k = body.get("top_logprobs") or 0
+    else:
+        k = body.get("logprobs")
+        if k is None or k is False:
+            return None
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+        raise _BadRequest("logprobs / top_logprobs must be an integer between 0 and 20")
+    return k
+
+
+# --------------------------------------------------------------------------------------------
 # Server state
 # --------------------------------------------------------------------------------------------
 
@@ -175,6 +244,10 @@ def _check_fault(fault: Any) -> str:
 def _check_item(item: Any) -> Any:
     if isinstance(item, str):
         return item
+    if isinstance(item, dict) and "probs" in item:
+        probs = item["probs"]
+        if not isinstance(probs, list) or not all(p is None or 0 < float(p) <= 1 for p in probs):
+            raise ValueError(f"probs must be a list of probabilities in (0, 1] or null: {probs!r}")
     if isinstance(item, dict) and "fault" in item:
         return {**item, "fault": _check_fault(item["fault"])}
     if isinstance(item, dict) and isinstance(item.get("text"), str):
@@ -214,22 +287,23 @@ class _State:
             self.id_to_token.append(token)
         return self.vocab[token]
 
-    def take(self, model: str, prompt: str) -> tuple[str | None, str]:
-        """Consume the next answer for a request: ``(fault or None, text)``. For a fault the
-        text is what a dropped stream shows before dying (the next scripted text)."""
+    def take(self, model: str, prompt: str) -> tuple[str | None, str, list[float | None]]:
+        """Consume the next answer for a request: ``(fault or None, text, per-token
+        probabilities)``. For a fault the text is what a dropped stream shows before dying (the
+        next scripted text). Tokens without a scripted probability have probability 1."""
         script = next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
         queued = self.faults.get(model)
         if queued:
-            return queued.popleft(), self._peek_text(script)
+            return queued.popleft(), self._peek_text(script), []
         if script is None or script.cursor >= len(script.responses):
-            return None, self.config["default_response"]
+            return None, self.config["default_response"], []
         item = script.responses[script.cursor]
         script.cursor += 1
         if isinstance(item, str):
-            return None, item
+            return None, item, []
         if "fault" in item:
-            return item["fault"], item.get("text") or self._peek_text(script)
-        return None, item["text"]
+            return item["fault"], item.get("text") or self._peek_text(script), []
+        return None, item["text"], list(item.get("probs") or [])
 
     def _peek_text(self, script: _Script | None) -> str:
         if script is not None and script.cursor < len(script.responses):
@@ -403,7 +477,8 @@ def create_app(state: _State | None = None) -> Any:
             max_tokens = max_len - prompt_tokens
         suppress_calls = calls_banned(body)
 
-        fault, text = state.take(model, prompt)
+        top_k = _requested_logprobs(body, chat)
+        fault, text, probs = state.take(model, prompt)
         if fault is not None and fault.isdigit():
             return _error(f"scripted fault {fault}", int(fault))
         if fault == "hang":
@@ -424,6 +499,7 @@ def create_app(state: _State | None = None) -> Any:
 
         if suppress_calls:
             text = _CALL_RE.sub("", text)
+            probs = []  # the scripted tokens moved
         gen = generate(
             text,
             stop=stop,
@@ -445,6 +521,7 @@ def create_app(state: _State | None = None) -> Any:
                     request,
                     gen,
                     usage if opts.get("include_usage") else None,
+                    logprobs=None if top_k is None else (probs, top_k),
                     chat=chat,
                     rid=rid,
                     created=created,
@@ -461,7 +538,8 @@ def create_app(state: _State | None = None) -> Any:
             choice["message"] = {"role": "assistant", "content": gen.text, "tool_calls": []}
         else:
             choice["text"] = gen.text
-        choice |= {"logprobs": None, "finish_reason": gen.finish_reason}
+        logprobs = None if top_k is None else logprobs_payload(gen.pieces, probs, top_k, chat=chat)
+        choice |= {"logprobs": logprobs, "finish_reason": gen.finish_reason}
         choice["stop_reason"] = gen.stop_reason
         return JSONResponse(
             {
@@ -479,6 +557,7 @@ def create_app(state: _State | None = None) -> Any:
         gen: Generation,
         usage: dict[str, Any] | None,
         *,
+        logprobs: tuple[list[float | None], int] | None,
         chat: bool,
         rid: str,
         created: int,
@@ -488,7 +567,13 @@ def create_app(state: _State | None = None) -> Any:
     ) -> AsyncIterator[str]:
         try:
             async for event in _stream_events(
-                request, gen, usage, chat=chat, head=head(chat, rid, created, model), drop=drop
+                request,
+                gen,
+                usage,
+                logprobs=logprobs,
+                chat=chat,
+                head=head(chat, rid, created, model),
+                drop=drop,
             ):
                 yield event
         except asyncio.CancelledError:  # Starlette cancels the stream when the client disconnects
@@ -508,17 +593,26 @@ def create_app(state: _State | None = None) -> Any:
         gen: Generation,
         usage: dict[str, Any] | None,
         *,
+        logprobs: tuple[list[float | None], int] | None,
         chat: bool,
         head: dict[str, Any],
         drop: bool,
     ) -> AsyncIterator[str]:
-        def event(delta: str | None, finish: str | None = None, stop: str | None = None) -> str:
+        offset = 0
+
+        def event(
+            delta: str | None, finish: str | None = None, stop: str | None = None, index: int = -1
+        ) -> str:
             choice: dict[str, Any] = {"index": 0}
             if chat:
                 choice["delta"] = {} if delta is None else {"content": delta}
             else:
                 choice["text"] = delta or ""
-            choice |= {"logprobs": None, "finish_reason": finish, "stop_reason": stop}
+            lp = None
+            if logprobs is not None and delta is not None and index >= 0:
+                probs, k = logprobs
+                lp = logprobs_payload([delta], probs[index : index + 1], k, chat=chat, offset=offset)
+            choice |= {"logprobs": lp, "finish_reason": finish, "stop_reason": stop}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
         config = state.config
@@ -532,7 +626,8 @@ def create_app(state: _State | None = None) -> Any:
                 break
             if k and config["token_interval_s"] > 0:
                 await asyncio.sleep(config["token_interval_s"])
-            yield event(piece)
+            yield event(piece, index=k)
+            offset += len(piece)
         if drop:
             await _drop_connection(request.scope)
             return
