@@ -14,6 +14,7 @@ from rich.console import Console
 
 from relay_agents.api import RelayResult, astream_relay
 from relay_agents.config import CONFIG_FILE_VAR, ConfigError, RelayConfig, load_config
+from relay_agents.tutor.command import tutor as tutor_command
 
 app = typer.Typer(help="Relay decoding: a small student model calls a large teacher for hard steps.")
 console = Console(highlight=False)
@@ -187,6 +188,9 @@ def serve(
         backlog=2048,
         timeout_graceful_shutdown=5,
     )
+
+
+app.command(name="tutor")(tutor_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
