@@ -261,6 +261,7 @@ class _Script:
     match: str
     responses: list[Any]
     cursor: int = 0
+    repeat: bool = False  # start over after the last response (for repeated runs of one question)
 
 
 @dataclass
@@ -295,6 +296,8 @@ class _State:
         queued = self.faults.get(model)
         if queued:
             return queued.popleft(), self._peek_text(script), []
+        if script is not None and script.repeat and script.responses:
+            script.cursor %= len(script.responses)
         if script is None or script.cursor >= len(script.responses):
             return None, self.config["default_response"], []
         item = script.responses[script.cursor]
@@ -696,6 +699,7 @@ def create_app(state: _State | None = None) -> Any:
                 model=str(body["model"]),
                 match=str(body.get("match", "")),
                 responses=[_check_item(r) for r in responses],
+                repeat=bool(body.get("repeat", False)),
             )
         except (_BadRequest, ValueError, KeyError) as exc:
             return _error(f"bad script: {exc}")
@@ -880,9 +884,17 @@ class ScriptedServer:
         except urllib.error.HTTPError as exc:
             raise ValueError(f"{method} {path} failed: {exc.read().decode()}") from None
 
-    def script(self, model: str, match: str, responses: list[str | dict[str, Any]]) -> None:
-        """Requests for ``model`` whose prompt contains ``match`` get ``responses`` in order."""
-        self._call("POST", "/_scripted/script", {"model": model, "match": match, "responses": responses})
+    def script(
+        self, model: str, match: str, responses: list[str | dict[str, Any]], *, repeat: bool = False
+    ) -> None:
+        """Requests for ``model`` whose prompt contains ``match`` get ``responses`` in order
+        (over and over with ``repeat``). The latest script that matches a prompt answers it.
+
+        A response is a string, ``{"text": ...}`` (with ``"probs"``: the probability of each of
+        its tokens, reported as log-probabilities when a request asks for them; missing or
+        ``None``: 1) or ``{"fault": ...}``."""
+        body = {"model": model, "match": match, "responses": responses, "repeat": repeat}
+        self._call("POST", "/_scripted/script", body)
 
     def faults(self, model: str, faults: list[str]) -> None:
         """Queue faults ("429", "500", "503", "hang", "drop", "malformed") for ``model``."""
