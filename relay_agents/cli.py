@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from relay_agents.api import RelayResult, astream_relay
+from relay_agents.calibrate import calibrate_command
 from relay_agents.config import CONFIG_FILE_VAR, ConfigError, RelayConfig, load_config
 from relay_agents.tutor.command import tutor as tutor_command
 
@@ -191,6 +192,7 @@ def serve(
 
 
 app.command(name="tutor")(tutor_command)
+app.command(name="calibrate")(calibrate_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
