@@ -1,0 +1,74 @@
+"""Headless Chromium (Debian's ``chromium`` package) driven by Playwright for Python.
+
+Playwright's own browser download does not work on these machines, so the browser is
+Debian's, named by ``executable_path``. Set ``RELAY_SKIP_BROWSER=1`` to skip these tests;
+otherwise a missing browser fails them (``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SKIP = os.environ.get("RELAY_SKIP_BROWSER") == "1"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.path).startswith(here):
+            item.add_marker(pytest.mark.browser)
+            if SKIP:
+                item.add_marker(pytest.mark.skip(reason="RELAY_SKIP_BROWSER=1"))
+
+
+def chromium_path() -> str:
+    path = os.environ.get("RELAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.fail(
+            "Debian's chromium is not installed (apt-get install -y chromium); the browser tests need "
+            "it. Set RELAY_SKIP_BROWSER=1 to skip them explicitly.",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: object, tmp_path: Path) -> Iterator[object]:
+    """A fresh page; the browser's console errors are collected in ``page.console_errors``."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})  # type: ignore[attr-defined]
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.set_default_timeout(20_000)
+    try:
+        yield page
+    finally:
+        context.close()
