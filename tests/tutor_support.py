@@ -18,8 +18,11 @@ from relay_agents.tutor.service import TutorOptions
 from relay_agents.tutor.web import create_tutor_app
 from tests.conftest import relay_config
 
-#: Student and teacher scripts of one relayed answer; {key} goes in the question.
-STUDENT = ["To find 12*34, multiply: 12*34 =<call>3</call>", ". Then add 1: $408 + 1 = 409$. So \\boxed{409}."]
+#: Student and teacher scripts of one relayed answer (script_answer matches them by a key in the question).
+STUDENT = [
+    "To find 12*34, multiply: 12*34 =<call>3</call>",
+    ". Then add 1: $408 + 1 = 409$. So \\boxed{409}.",
+]
 TEACHER = [" 408 and more"]
 ANSWER = "To find 12*34, multiply: 12*34 = 408. Then add 1: $408 + 1 = 409$. So \\boxed{409}."
 
