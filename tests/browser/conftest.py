@@ -46,8 +46,9 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """Closed after each module, so Playwright's event loop never outlives the browser tests."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()
