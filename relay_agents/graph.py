@@ -16,12 +16,12 @@ from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage
 from langgraph._internal._runnable import RunnableCallable
-from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import get_runtime
+from langgraph.types import Checkpointer
 
 from relay_agents.answer import (
     AnswerState,
@@ -45,7 +45,15 @@ from relay_agents.answer import (
     teacher_request,
 )
 from relay_agents.budgets.limits import ScopeKind, Spend, has_limits
-from relay_agents.budgets.store import BudgetExceeded, BudgetStore, Reservation, Scope, open_budget_store
+from relay_agents.budgets.store import (
+    BudgetExceeded,
+    BudgetStore,
+    Reservation,
+    Scope,
+    conversation_key,
+    open_budget_store,
+    user_key,
+)
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
 from relay_agents.config import RelayConfig, identity
 from relay_agents.policies import TurnPlan
@@ -154,9 +162,9 @@ class RelayNodes:
         scopes: list[Scope] = []
         conversation = context.conversation_id or get_config().get("configurable", {}).get("thread_id")
         if conversation and has_limits(config.budget):
-            scopes.append(Scope("conversation", f"conversation:{conversation}", config.budget))
+            scopes.append(Scope("conversation", conversation_key(conversation), config.budget))
         if context.user and has_limits(config.user_budget):
-            scopes.append(Scope("user", f"user:{context.user}", config.user_budget))
+            scopes.append(Scope("user", user_key(context.user), config.user_budget))
         return scopes
 
     def begin(self, state: RelayState) -> dict[str, Any]:
@@ -391,7 +399,7 @@ def recursion_limit(config: RelayConfig) -> int:
 def build_relay_graph(
     config: RelayConfig,
     *,
-    checkpointer: BaseCheckpointSaver | None = None,
+    checkpointer: Checkpointer = None,
     budget_store: BudgetStore | None = None,
     name: str = "relay",
 ) -> CompiledStateGraph:

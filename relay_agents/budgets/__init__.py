@@ -8,8 +8,10 @@ from relay_agents.budgets.store import (
     Reservation,
     Scope,
     close_budget_stores,
+    conversation_key,
     default_store_path,
     open_budget_store,
+    user_key,
 )
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "Scope",
     "Spend",
     "close_budget_stores",
+    "conversation_key",
     "default_store_path",
     "open_budget_store",
+    "user_key",
 ]

@@ -51,6 +51,16 @@ class Reservation:
     keys: tuple[str, ...]
 
 
+def conversation_key(conversation_id: str) -> str:
+    """The store key of a conversation's budget (``conversation_id=`` or a LangGraph thread)."""
+    return f"conversation:{conversation_id}"
+
+
+def user_key(user: str) -> str:
+    """The store key of a user's (or API key's) pooled budget (``user=``)."""
+    return f"user:{user}"
+
+
 class BudgetStore(ABC):
     """Reserve-then-settle teacher budgets keyed by scope (``conversation:<id>``, ``user:<id>``)."""
 

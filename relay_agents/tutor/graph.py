@@ -86,7 +86,7 @@ def build_tutor_graph(
     if history_messages < 1:
         raise ValueError("history_messages must be at least 1 (the question itself)")
     # checkpointer=False: never a checkpointed subgraph of the tutor (LangGraph's switch).
-    relay = build_relay_graph(tutor_relay_config(config, system_prompt), checkpointer=False)  # type: ignore[arg-type]
+    relay = build_relay_graph(tutor_relay_config(config, system_prompt), checkpointer=False)
 
     def relay_inputs(state: TutorState, run: RunnableConfig) -> tuple[dict[str, Any], RelayContext]:
         thread = (run.get("configurable") or {}).get("thread_id")

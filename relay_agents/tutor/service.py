@@ -25,7 +25,7 @@ import openai
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from relay_agents.budgets import BudgetExceeded, BudgetStore, open_budget_store
+from relay_agents.budgets import BudgetExceeded, BudgetStore, conversation_key, open_budget_store
 from relay_agents.budgets.store import default_store_path
 from relay_agents.config import RelayConfig
 from relay_agents.tutor.graph import (
@@ -70,11 +70,6 @@ class TutorOptions:
 def default_db_path() -> Path:
     """``tutor.sqlite`` beside the default budget store (``$RELAY_AGENTS_STATE`` or ~/.local/state)."""
     return default_store_path().parent / "tutor.sqlite"
-
-
-def _conversation_key(conversation_id: str) -> str:
-    # The relay keys a conversation's budget as "conversation:<thread_id>" (relay_agents.graph).
-    return f"conversation:{conversation_id}"
 
 
 def describe_failure(exc: BaseException, config: RelayConfig) -> str:
@@ -156,7 +151,7 @@ class Tutor:
 
     async def budget(self, conversation_id: str) -> dict[str, Any]:
         """The conversation's teacher budget as the budget store has it."""
-        key = _conversation_key(conversation_id)
+        key = conversation_key(conversation_id)
         spent = (await self.store.aspent([key]))[key]
         return budget_view(self.config.budget, spent)
 
