@@ -188,6 +188,12 @@ def test_solo_examples_learn_the_hard_results():
     assert hard in tok.decode([t for t in solo_labels if t != -100])
     assert tok.token_to_id("<call>") not in solo_ids and tok.token_to_id("<call>") in st_ids
     assert hard not in tok.decode([t for t in st_labels if t != -100]).split("\n")[0]
+    # chat history: an earlier exchange in the prompt, never in the loss
+    prior = tasks.eval_problems(2)[1]
+    _, (hist_ids, hist_labels) = build.build_examples(tok, [prior, p], student=True, history_fraction=1.0)
+    assert tok.decode(hist_ids, skip_special_tokens=False).count("<|im_start|>user") == 2
+    assert tasks.teacher_solution(prior) in tok.decode(hist_ids)
+    assert [t for t in hist_labels if t != -100] == [t for t in st_labels if t != -100]
 
 
 def test_tiny_configs_four_settings(tmp_path):

@@ -83,6 +83,9 @@ class ModelRecipe:
     n_train: int
     seed: int
     weight_decay: float = 0.01
+    #: share of examples whose prompt starts with one earlier solved exchange (masked): the
+    #: tiny models only see the positions they are trained on, so chat history needs this
+    history_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,11 +196,23 @@ def _encode_segments(tok, prompt: str, segments: list[tasks.Segment], *, student
     return ids, labels
 
 
-def build_examples(tok, problems: list[tasks.Problem], *, student: bool):
+def build_examples(
+    tok, problems: list[tasks.Problem], *, student: bool, history_fraction: float = 0.0, seed: int = 0
+):
+    """Token ids and labels of ``problems``; a ``history_fraction`` share (drawn with ``seed``)
+    gets the previous problem and its teacher solution as an earlier exchange in the prompt."""
     count = _token_counter(tok)
+    rng = random.Random(seed)
     out = []
-    for p in problems:
-        prompt = render_chat([{"role": "user", "content": p.user_message}])
+    for i, p in enumerate(problems):
+        messages = [{"role": "user", "content": p.user_message}]
+        if i and rng.random() < history_fraction:
+            prior = problems[i - 1]
+            messages[:0] = [
+                {"role": "user", "content": prior.user_message},
+                {"role": "assistant", "content": tasks.teacher_solution(prior)},
+            ]
+        prompt = render_chat(messages)
         segs = tasks.student_segments(p, count) if student else tasks.teacher_segments(p)
         ids, labels = _encode_segments(tok, prompt, segs, student=student)
         full = prompt + "".join(s.text for s in segs) + IM_END
@@ -392,7 +407,13 @@ def _build_into(root: Path, recipe: Recipe, *, reuse_from: Path | None = None) -
         if reused is not None:
             stats[name] = reused
             continue
-        examples = build_examples(tok, tasks.train_problems(mr.n_train, seed=mr.seed), student=student)
+        examples = build_examples(
+            tok,
+            tasks.train_problems(mr.n_train, seed=mr.seed),
+            student=student,
+            history_fraction=mr.history_fraction,
+            seed=mr.seed,
+        )
         log.info("training %s on %d examples", name, len(examples))
         stats[name] = train_model(mr, tok, recipe, examples, root / name)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
