@@ -165,8 +165,11 @@ def test_solo_recipe_and_pair_compat():
     from relay_agents.tiny import build
 
     r = build.DEFAULT_RECIPE
-    # the solo student is the student's size and training budget unless the recipe says otherwise
-    assert r.solo_recipe == r.student
+    # the solo student has the student's size and training budget; only the chat history the
+    # student also sees is left out (the table asks single questions)
+    assert r.solo_recipe == build.dataclasses.replace(r.student, history_fraction=0.0)
+    assert r.student.history_fraction > 0
+    assert build.Recipe(teacher=r.teacher, student=r.student).solo_recipe == r.student
     other = build.Recipe(teacher=r.teacher, student=r.student, solo=r.teacher)
     assert other.solo_recipe == r.teacher and other.digest() != r.digest()
     # TinyPair stays constructible the old way

@@ -2,25 +2,28 @@
 
 Each problem is one HARD step followed by several EASY steps::
 
-    Compute 47*6 + 8 + 5 - 3.
+    Compute 47*6 + 5 + 1 - 3.
 
 The reference solution writes one step per line, left to right::
 
     47*6 = 282
-    282 + 8 = 290
-    290 + 5 = 295
-    295 - 3 = 292
-    \\boxed{292}
+    282 + 5 = 287
+    287 + 1 = 288
+    288 - 3 = 285
+    \\boxed{285}
 
-* HARD step: a 2-digit by 1-digit multiplication whose product has three digits. The
-  teacher is trained on its results; the student never is (its loss is masked there).
+* HARD step: a 2-digit by 1-digit multiplication whose product has three digits (A in
+  12..99, B in 3..9: 564 products). The teacher is trained on its results; the student
+  never is (its loss is masked there). The table is large enough that a model of the
+  student's size and budget trained on full solutions gets few of them right (the
+  "student alone" baseline), while the teacher learns them.
 * EASY steps: add or subtract a single digit without carry or borrow. The student
   learns them (it copies the previous result and adjusts the last digit).
 
 The student's cold-start solution asks the teacher for the hard result::
 
     47*6 =<call>4</call> 282
-    282 + 8 = 290
+    282 + 5 = 287
     ...
 
 ``N`` is the number of tokens the teacher needs to write `` 282`` in the shared
@@ -68,7 +71,7 @@ class Step:
 @dataclass(frozen=True)
 class Problem:
     question: str
-    """The bare question (without the instruction), e.g. ``Compute 47*6 + 8 + 5 - 3.``"""
+    """The bare question (without the instruction), e.g. ``Compute 47*6 + 5 + 1 - 3.``"""
     answer: int
     steps: tuple[Step, ...]
 
@@ -94,8 +97,8 @@ def user_message(question: str) -> str:
     return f"{question}\n{INSTRUCTION}"
 
 
-#: hard steps: A*B with A in A_RANGE, B in B_RANGE and a three-digit product
-A_RANGE = (12, 39)
+#: hard steps: A*B with A in A_RANGE, B in B_RANGE and a three-digit product (564 of them)
+A_RANGE = (12, 99)
 B_RANGE = (3, 9)
 N_EASY = (3, 4)
 
