@@ -181,14 +181,17 @@ def serve(
         f"serving model {settings.model!r} on http://{settings.host}:{settings.port}/v1 "
         f"(student {config.student.model}, teacher {config.teacher.model}; {keys})"
     )
-    uvicorn.run(
-        server_app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        backlog=2048,
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        uvicorn.run(
+            server_app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            backlog=2048,
+            timeout_graceful_shutdown=5,
+        )
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown
+        raise typer.Exit(130) from None
 
 
 app.command(name="tutor")(tutor_command)

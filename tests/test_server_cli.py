@@ -108,3 +108,21 @@ def test_server_settings_come_from_the_config_files_server_table(tmp_path: Path)
     path.write_text(path.read_text().replace("port = 9123", 'port = "high"'))
     with pytest.raises(ConfigError, match=r"port \(.*relay\.toml \[server\]\)"):
         ServerSettings.load({}, config_file=path)
+
+
+def test_serve_stops_quietly_on_ctrl_c(scripted: ScriptedServer, tmp_path: Path) -> None:
+    port = free_port()
+    env = relay_env(scripted, tmp_path, RELAY_AGENTS_STATE=str(tmp_path / "state"))
+    proc = subprocess.Popen(
+        [CLI, "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=15)
+    assert proc.returncode in (0, 130) and "Traceback" not in stderr, stderr

@@ -121,4 +121,7 @@ def tutor(
             f"tutor on http://{host}:{port}/ (student {config.student.model}, "
             f"teacher {config.teacher.model}); Ctrl+C stops it"
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown
+            raise typer.Exit(130) from None
