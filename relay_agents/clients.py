@@ -173,9 +173,12 @@ class _Collector:
     def _watched(self, delta: str, logprobs: dict[str, Any]) -> str:
         """Count this chunk's tokens and let the watch cut before one; return the text kept.
 
-        A chunk's text is the concatenation of its tokens' texts (vLLM, both formats). Where it
-        is not (a stop string cut inside a token, undecodable bytes) and a cut falls in the
-        chunk, the whole chunk is dropped, so the token the watch rejected never shows.
+        The text kept is the chunk's text up to the cut token: the texts of the tokens before
+        it, which start the chunk's text (vLLM, both formats). The tokens need not spell the
+        whole text: a whole reply that ended on EOS lists the EOS token (``<|im_end|>``) that its
+        text leaves out, and a stop string may end the text inside a token. Where the tokens
+        before the cut do not start the text (undecodable bytes), the whole chunk is dropped,
+        its tokens with it, so the token the watch rejected never shows.
         """
         tokens = parse_logprobs(logprobs)
         self.received += len(tokens)
@@ -183,13 +186,15 @@ class _Collector:
             self.tokens += len(tokens)
             return delta
         for i, token in enumerate(tokens):
-            if self.watch(self.tokens, token):
+            if self.watch(self.tokens + i, token):
                 self.cut = self.trimmed = True
                 self.finish_reason, self.stop_reason = None, None
                 kept = "".join(t.token for t in tokens[:i])
-                whole = "".join(t.token for t in tokens)
-                return kept if whole == delta else ""
-            self.tokens += 1
+                if not delta.startswith(kept):
+                    return ""
+                self.tokens += i
+                return kept
+        self.tokens += len(tokens)
         return delta
 
     def result(self, error: Exception | None = None) -> Generation:

@@ -17,7 +17,7 @@ from relay_agents import (
     TeacherOnlyPolicy,
     load_config,
 )
-from relay_agents.clients import parse_logprobs
+from relay_agents.clients import _Collector, parse_logprobs
 from relay_agents.config import ConfigError, identity
 from relay_agents.policies import AnswerSoFar, TokenLogprob, plan_turn, share_gate, top_entropy
 
@@ -240,3 +240,56 @@ def test_logprobs_in_the_chat_format() -> None:
         ]
     }
     assert parse_logprobs(payload) == [TokenLogprob(" 4", -0.1, ((" 4", -0.1), (" 5", -2.4)))]
+
+
+def whole_reply(text: str, tokens: list[str], probs: list[float], usage: int | None = None) -> dict:
+    """A whole (non-streamed) completions reply in vLLM's format."""
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": {"tokens": tokens, "token_logprobs": [math.log(p) for p in probs]},
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 40, "completion_tokens": usage or len(tokens)},
+    }
+
+
+def test_a_whole_reply_that_ended_on_eos_is_cut_before_the_unsure_token() -> None:
+    # vLLM lists the EOS token in a whole reply's log-probabilities, not in its text: the token
+    # texts do not spell the text, yet the text before the unsure token is kept (a bug dropped it)
+    tokens = ["6", "5", "*", "7", " =", " ", "4", "4", "4", "\n", "\\boxed{", "444", "}", "<|im_end|>"]
+    text = "".join(tokens[:-1])
+    probs = [0.99] * len(tokens)
+    probs[7] = 0.2  # the second digit of the product
+    policy = ConfidencePolicy(threshold=0.9)
+    collector = _Collector(None, lambda _i, t: policy.is_unsure(t))
+    collector.add(whole_reply(text, tokens, probs))
+    gen = collector.result()
+    assert (gen.text, gen.completion_tokens, gen.discarded_tokens, gen.cut) == ("65*7 = 4", 7, 7, True)
+    assert gen.finish_reason is None
+
+
+def test_a_chunk_whose_tokens_do_not_start_its_text_is_dropped_with_its_tokens() -> None:
+    # undecodable bytes: the token texts are not the text; nothing of the chunk is kept, and the
+    # kept token count says so too (the text and its token count stay one answer)
+    tokens = ["bytes:\\xe2", "bytes:\\x82\\xac", "5", "0"]
+    probs = [0.99, 0.99, 0.99, 0.1]
+    policy = ConfidencePolicy(threshold=0.9)
+    collector = _Collector(None, lambda _i, t: policy.is_unsure(t))
+    collector.add(whole_reply("€50", tokens, probs))
+    gen = collector.result()
+    assert (gen.text, gen.completion_tokens, gen.discarded_tokens) == ("", 0, 4)
+
+
+def test_the_watch_sees_each_token_at_its_place_in_the_turn() -> None:
+    seen: list[tuple[int, str]] = []
+    collector = _Collector(None, lambda i, t: bool(seen.append((i, t.token))) or t.token == "c")
+    for chunk in (["a", "b"], ["c", "d"]):
+        reply = whole_reply("".join(chunk), chunk, [1.0, 1.0])
+        collector.add(reply)
+    assert seen == [(0, "a"), (1, "b"), (2, "c")]
+    assert "".join(collector.parts) == "ab" and collector.tokens == 2

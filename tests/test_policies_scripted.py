@@ -85,6 +85,34 @@ async def test_the_teacher_writes_from_the_first_unsure_token(
     assert resumed.endswith("So 47*6 = 282") and "<call>" not in resumed
 
 
+@pytest.mark.parametrize("api", ["completions", "chat"])
+async def test_a_whole_reply_is_cut_where_its_stream_is(scripted: ScriptedServer, api: str) -> None:
+    # a whole reply that ended on EOS lists the EOS token in its log-probabilities but not in its
+    # text (as vLLM does): the text before the unsure token is still the student's span
+    answer = "65*7 = 455\n455 + 3 = 458\n\\boxed{458}"
+    tokens = tokenize(answer)
+    unsure = tokens.index(" 4") + 1  # the second digit of the product
+    rest = answer[len("65*7 = 455") :]
+    low = [0.2 if i == unsure else None for i in range(len(tokens))]
+    spans = []
+    for streamed in (False, True):
+        scripted.reset()
+        scripted.script("student", "Q-eos", [{"text": answer, "probs": low}, rest])
+        scripted.script("teacher", "Q-eos", ["55"])
+        policy = ConfidencePolicy(threshold=0.5, call_tokens=2, top_logprobs=1)
+        config = relay_config(scripted, student={"api": api}, teacher={"api": api}, policy=policy)
+        result, _ = await run("Q-eos", config, streamed)
+        assert result.text == answer
+        spans.append([(s.source, s.text, s.tokens) for s in result.spans])
+    whole, streamed = spans
+    assert whole == streamed
+    assert whole == [
+        ("student", "65*7 = 4", unsure),
+        ("teacher", "55", 2),
+        ("student", rest, len(tokenize(rest))),
+    ]
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 async def test_the_entropy_bound_cuts_where_the_probability_alone_does_not(
     scripted: ScriptedServer, streamed: bool

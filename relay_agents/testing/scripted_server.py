@@ -205,6 +205,17 @@ def logprobs_payload(
     }
 
 
+#: The end-of-sequence token, as vLLM reports it in log-probabilities (never in the text).
+EOS_TOKEN = "<|im_end|>"
+
+
+def _with_eos(gen: Generation) -> list[str]:
+    """The tokens that log-probabilities list: vLLM lists the EOS token of a reply that ended on
+    it (its text is not in the reply's text), so a reply's token texts need not spell its text."""
+    ended_on_eos = gen.finish_reason == "stop" and gen.stop_reason is None
+    return [*gen.pieces, EOS_TOKEN] if ended_on_eos else list(gen.pieces)
+
+
 def _requested_logprobs(body: dict[str, Any], chat: bool) -> int | None:
     """Top-k asked for (completions ``logprobs: k``; chat ``logprobs: true, top_logprobs: k``)."""
     if chat:
@@ -541,7 +552,7 @@ def create_app(state: _State | None = None) -> Any:
             choice["message"] = {"role": "assistant", "content": gen.text, "tool_calls": []}
         else:
             choice["text"] = gen.text
-        logprobs = None if top_k is None else logprobs_payload(gen.pieces, probs, top_k, chat=chat)
+        logprobs = None if top_k is None else logprobs_payload(_with_eos(gen), probs, top_k, chat=chat)
         choice |= {"logprobs": logprobs, "finish_reason": gen.finish_reason}
         choice["stop_reason"] = gen.stop_reason
         return JSONResponse(
@@ -634,7 +645,20 @@ def create_app(state: _State | None = None) -> Any:
         if drop:
             await _drop_connection(request.scope)
             return
-        yield event(None, gen.finish_reason, gen.stop_reason)
+        if logprobs is not None and len(_with_eos(gen)) > len(gen.pieces):
+            # vLLM's last chunk of a reply that ended on EOS: no text, the EOS token's logprobs
+            probs, k = logprobs
+            eos = probs[len(gen.pieces) : len(gen.pieces) + 1]
+            choice: dict[str, Any] = {"index": 0}
+            choice |= {"delta": {"content": ""}} if chat else {"text": ""}
+            choice |= {
+                "logprobs": logprobs_payload([EOS_TOKEN], eos, k, chat=chat, offset=offset),
+                "finish_reason": gen.finish_reason,
+                "stop_reason": gen.stop_reason,
+            }
+            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        else:
+            yield event(None, gen.finish_reason, gen.stop_reason)
         if usage is not None:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"

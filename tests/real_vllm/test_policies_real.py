@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from relay_agents import ConfidencePolicy, Endpoint, RelayConfig, RelayResult, arelay, astream_relay
-from relay_agents.clients import EndpointClient, Request
+from relay_agents.clients import EndpointClient, Generation, Request
 from relay_agents.prompts import protocol_messages
 from relay_agents.tiny import tasks
 from tests.real_vllm.smollm2.conftest import smollm2_model_dir, smollm2_server  # noqa: F401 (fixtures)
@@ -84,14 +84,44 @@ def assert_cut_exactly_at_unsure_tokens(
         assert probs[tokens][1] < threshold, probs[tokens]
 
 
-async def test_an_untrained_student_gets_the_teacher_at_its_unsure_tokens(config: RelayConfig) -> None:
+@pytest.fixture
+def turns(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Request, Generation]]:
+    """Every request the relay sends (the endpoint's model, the request, what came back)."""
+    seen: list[tuple[str, Request, Generation]] = []
+    agenerate = EndpointClient.agenerate
+
+    async def spy(self: EndpointClient, request: Request, on_text=None, watch=None) -> Generation:
+        gen = await agenerate(self, request, on_text, watch)
+        seen.append((self.endpoint.model, request, gen))
+        return gen
+
+    monkeypatch.setattr(EndpointClient, "agenerate", spy)
+    return seen
+
+
+async def test_an_untrained_student_gets_the_teacher_at_its_unsure_tokens(
+    config: RelayConfig, turns: list[tuple[str, Request, Generation]]
+) -> None:
     called = 0
     for p in tasks.eval_problems(8, seed=3):
+        turns.clear()
         result = await arelay(p.question, config)
         assert "<call>" not in result.text and result.finish_reason == "stop", result
         called += result.usage.teacher_calls
-        assert all(0 < s.tokens <= 4 for s in result.spans if s.source == "teacher")
-        for before, tokens, cut in student_turns(result):
+        # each call writes at most call_tokens (back-to-back calls join into one teacher span)
+        calls = [gen for model, _, gen in turns if model == config.teacher.model]
+        assert len(calls) == result.usage.teacher_calls
+        assert all(0 < gen.completion_tokens <= 4 for gen in calls), calls
+        teacher_tokens = sum(gen.completion_tokens for gen in calls)
+        assert teacher_tokens == result.usage.teacher_tokens
+        assert teacher_tokens == sum(s.tokens for s in result.spans if s.source == "teacher")
+        # every student turn, one the teacher took over at its first token included
+        student = [(req, gen) for model, req, gen in turns if model == config.student.model]
+        assert sum(gen.completion_tokens for _, gen in student) == result.usage.student_tokens
+        for req, gen in student:
+            probs = await student_probs(config, p.question, req.answer, gen.completion_tokens + gen.cut)
+            assert_cut_exactly_at_unsure_tokens(probs, gen.completion_tokens, gen.cut, THRESHOLD)
+        for before, tokens, cut in student_turns(result):  # the spans say the same
             probs = await student_probs(config, p.question, before, tokens + cut)
             assert_cut_exactly_at_unsure_tokens(probs, tokens, cut, THRESHOLD)
     assert called > 0  # the solo student does hesitate on this set
