@@ -8,6 +8,7 @@ policy's knob (confidence threshold, interval, random rate) is calibrated on a d
 (held-out problems, seed 0) through the relay engine.
 
     python benchmarks/policies.py [--target 0.10] [-n 300] [--dev 200] [--pair DIR] [--json]
+        [--call-tokens 4] [--until tokens|step] [--only confidence,interval,random]
 """
 
 from __future__ import annotations
@@ -81,14 +82,15 @@ def base_config(solo: VLLMServer, teacher: VLLMServer) -> RelayConfig:
     )
 
 
-def builder(base: RelayConfig, kind: str):
+def builder(base: RelayConfig, kind: str, call_tokens: int = CALL_TOKENS, until: str = "tokens"):
     def build(value: float) -> RelayConfig:
+        calls: Any = {"call_tokens": call_tokens, "until": until}
         if kind == "confidence":
-            policy: Any = ConfidencePolicy(threshold=value, call_tokens=CALL_TOKENS)
+            policy: Any = ConfidencePolicy(threshold=value, **calls)
         elif kind == "interval":
-            policy = IntervalPolicy(every=int(value), call_tokens=CALL_TOKENS)
+            policy = IntervalPolicy(every=int(value), **calls)
         else:
-            policy = RandomPolicy(rate=value, call_tokens=CALL_TOKENS, seed=0)
+            policy = RandomPolicy(rate=value, seed=0, **calls)
         return base.model_copy(update={"policy": policy})
 
     return build
@@ -117,15 +119,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "dev": args.dev,
         "pair": str(solo_dir.parent),
         "task_params": task_params,
+        "call_tokens": args.call_tokens,
+        "until": args.until,
     }
+    kinds = [k for k in GRIDS if k in args.only.split(",")]
     async with solo, teacher:
         base = base_config(solo, teacher)
         chosen: dict[str, float] = {}
         curves: dict[str, list[dict[str, float]]] = {}
-        for kind, (grid, integer) in GRIDS.items():
+        for kind in kinds:
+            grid, integer = GRIDS[kind]
             t0 = time.monotonic()
             curve, point = await calibrate(
-                builder(base, kind),
+                builder(base, kind, args.call_tokens, args.until),
                 grid,
                 args.target,
                 dev,
@@ -145,11 +151,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rows: dict[str, Point] = {
             "student alone": await measure(base.model_copy(update={"policy": TeacherFreePolicy()}), held),
         }
-        for kind in GRIDS:
+        for kind in kinds:
             rows[kind] = await measure(
-                builder(base, kind)(chosen[kind]), held, value=chosen[kind], concurrency=32
+                builder(base, kind, args.call_tokens, args.until)(chosen[kind]),
+                held,
+                value=chosen[kind],
+                concurrency=32,
             )
-        rows["teacher alone"] = await measure(base.model_copy(update={"policy": TeacherOnlyPolicy()}), held)
+        if not args.no_teacher:
+            rows["teacher alone"] = await measure(
+                base.model_copy(update={"policy": TeacherOnlyPolicy()}), held
+            )
     out["chosen"] = chosen
     out["dev_curves"] = curves
     out["rows"] = {name: vars(point) for name, point in rows.items()}
@@ -189,6 +201,10 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=200, help="development problems (seed 1)")
     parser.add_argument("--refine", type=int, default=4)
     parser.add_argument("--pair", default=None, help="a tiny build directory (default: build_tiny_pair())")
+    parser.add_argument("--call-tokens", type=int, default=CALL_TOKENS, help="tokens per teacher call")
+    parser.add_argument("--until", choices=("tokens", "step"), default="tokens")
+    parser.add_argument("--only", default=",".join(GRIDS), help="calling policies to compare")
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher-alone row")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -196,7 +212,8 @@ def main() -> None:
     print(json.dumps(result, indent=2) if args.json else table(result))
     print(
         f"\nmeasured {result['date']} on {result['machine']}; target share {args.target:.0%}, "
-        f"{args.n} held-out problems, {args.dev} development problems"
+        f"{args.n} held-out problems, {args.dev} development problems, "
+        f"call_tokens {args.call_tokens}, until {args.until}"
     )
 
 
