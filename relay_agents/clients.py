@@ -1,22 +1,20 @@
-"""The I/O edge: one pooled OpenAI client per endpoint, streaming generations with retries.
+"""The I/O edge: one pooled client per endpoint, generations with retries.
 
-Every generation streams (so relay output can be streamed as produced) and is retried
-with tenacity only until its first chunk arrives: a stream is never retried after its
-first token, because tokens would be emitted twice. The SDK's own retries are off.
+The sync path uses the openai SDK; the async path posts through :mod:`relay_agents.transport`
+(aiohttp, the SDK's error types), which costs a quarter of the SDK's CPU per request. A
+generation is retried with tenacity only until its first chunk arrives: a stream is never
+retried after its first token, because tokens would be emitted twice. The SDK's own retries
+are off.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import weakref
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx2
 import openai
 from tenacity import (
@@ -32,6 +30,7 @@ from relay_agents.config import Endpoint, identity
 from relay_agents.policies import TokenLogprob
 from relay_agents.prompts import ChatTemplate, Message, instruct_messages
 from relay_agents.protocol import CALL_CLOSE, CALL_OPEN
+from relay_agents.transport import AsyncTransport
 
 OnText = Callable[[str], None]
 #: Called with each generated token (its index in the reply, its log-probabilities); True
@@ -241,16 +240,15 @@ def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
 
 
 class EndpointClient:
-    """Talks to one endpoint. Holds one pooled sync client and one async client per event loop."""
+    """Talks to one endpoint: one pooled sync SDK client, one async transport (a pool per loop)."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._sync: openai.OpenAI | None = None
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._shutdown_hooks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncGenerator[None]] = (
-            weakref.WeakKeyDictionary()
+        self.transport = AsyncTransport(
+            endpoint.api_key.get_secret_value(),
+            timeout=endpoint.timeout,
+            connect_timeout=endpoint.connect_timeout,
         )
         self._template: ChatTemplate | None = None
         if endpoint.chat_template:
@@ -262,39 +260,17 @@ class EndpointClient:
 
     # -- clients --------------------------------------------------------------------
 
-    def _client_kwargs(self) -> dict[str, Any]:
-        ep = self.endpoint
-        return {
-            "base_url": ep.base_url,
-            "api_key": ep.api_key.get_secret_value(),
-            "timeout": httpx2.Timeout(ep.timeout, connect=ep.connect_timeout),
-            "max_retries": 0,
-        }
-
     @property
     def sync_client(self) -> openai.OpenAI:
         if self._sync is None:
-            self._sync = openai.OpenAI(**self._client_kwargs())
-        return self._sync
-
-    @property
-    def async_client(self) -> openai.AsyncOpenAI:
-        """This event loop's client, on the SDK's aiohttp transport.
-
-        httpx's connection pool checks every pooled connection on each request, which at 64
-        concurrent conversations cost a quarter of the client's CPU; aiohttp's pool does not.
-        The client is closed when its loop shuts down (see :func:`_close_at_loop_shutdown`).
-        """
-        loop = asyncio.get_running_loop()
-        client = self._async.get(loop)
-        if client is None:
-            kwargs = self._client_kwargs()
-            client = openai.AsyncOpenAI(
-                **kwargs, http_client=openai.DefaultAioHttpClient(timeout=kwargs["timeout"])
+            ep = self.endpoint
+            self._sync = openai.OpenAI(
+                base_url=ep.base_url,
+                api_key=ep.api_key.get_secret_value(),
+                timeout=httpx2.Timeout(ep.timeout, connect=ep.connect_timeout),
+                max_retries=0,
             )
-            self._async[loop] = client
-            self._shutdown_hooks[loop] = _close_at_loop_shutdown(client)
-        return client
+        return self._sync
 
     def close(self) -> None:
         if self._sync is not None:
@@ -303,12 +279,7 @@ class EndpointClient:
 
     async def aclose(self) -> None:
         self.close()
-        try:
-            client = self._async.pop(asyncio.get_running_loop(), None)
-        except RuntimeError:
-            client = None
-        if client is not None:
-            await client.close()
+        await self.transport.aclose()
 
     # -- retries --------------------------------------------------------------------
 
@@ -373,15 +344,9 @@ class EndpointClient:
             return local
         key = self._prompt_key(request)
         if key not in self._server_prompts:
-            client = self.async_client
-            ids = await client.post(
-                f"{self._root_url()}/tokenize", body=self._tokenize_body(request), cast_to=object
-            )
-            text = await client.post(
-                f"{self._root_url()}/detokenize",
-                body={"model": self.endpoint.model, "tokens": ids["tokens"]},
-                cast_to=object,
-            )
+            post, root = self.transport.post_json, self._root_url()
+            ids = await post(f"{root}/tokenize", self._tokenize_body(request))
+            text = await post(f"{root}/detokenize", {"model": self.endpoint.model, "tokens": ids["tokens"]})
             self._remember_prompt(key, text["prompt"])
         return self._server_prompts[key]
 
@@ -415,9 +380,9 @@ class EndpointClient:
 
     async def acall_token_ids(self) -> list[int]:
         if self._call_token_ids is None:
-            client, root = self.async_client, self._root_url()
+            root = self._root_url()
             tokenized = [
-                (await client.post(f"{root}/tokenize", body=self._tag_body(t), cast_to=object))["tokens"]
+                (await self.transport.post_json(f"{root}/tokenize", self._tag_body(t)))["tokens"]
                 for t in CALL_TAGS
             ]
             self._call_token_ids = self._tag_ids(tokenized)
@@ -425,10 +390,10 @@ class EndpointClient:
 
     # -- request building (pure) ----------------------------------------------------------
 
-    def _kwargs(
+    def _body(
         self, request: Request, prefix: str | None, call_ids: list[int] | None
     ) -> tuple[str, dict[str, Any]]:
-        """(API, keyword arguments for the SDK) for one continuation request."""
+        """(API, JSON body) of one streamed continuation request."""
         ep = self.endpoint
         kwargs: dict[str, Any] = {
             "model": ep.model,
@@ -475,12 +440,23 @@ class EndpointClient:
                 else list(request.messages)
             )
             api = "chat"
-        # Only the required parameters go through the SDK's typed arguments: it type-walks
-        # every typed argument of every request (about 0.4 ms of CPU), while ``extra_body`` is
-        # sent as the plain JSON it already is. The request on the wire is the same.
+        return api, {**kwargs, **extra}
+
+    @staticmethod
+    def _sdk_kwargs(api: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` as SDK arguments: only the required ones typed, the rest in ``extra_body``.
+
+        The SDK type-walks every typed argument of every request (about 0.4 ms of CPU), while
+        ``extra_body`` is sent as the plain JSON it already is. The request on the wire is the same.
+        """
         required = ("model", "prompt" if api == "completions" else "messages")
-        typed = {name: kwargs.pop(name) for name in required}
-        return api, {**typed, "extra_body": {**kwargs, **extra}}
+        return {
+            **{name: body[name] for name in required},
+            "extra_body": {k: v for k, v in body.items() if k not in required},
+        }
+
+    def _url(self, api: str) -> str:
+        return f"{self.endpoint.base_url}/{'completions' if api == 'completions' else 'chat/completions'}"
 
     def _needs_call_ids(self, request: Request) -> bool:
         return request.suppress_calls and self.endpoint.call_suppression == "logit_bias"
@@ -499,9 +475,8 @@ class EndpointClient:
         return on_text is None and self.endpoint.api != "chat-instruct"
 
     @staticmethod
-    def _unstreamed(kwargs: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in kwargs["extra_body"].items() if k not in ("stream", "stream_options")}
-        return {**kwargs, "extra_body": body}
+    def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
     def generate(
         self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
@@ -513,22 +488,22 @@ class EndpointClient:
         """
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
-        api, kwargs = self._kwargs(request, prefix, call_ids)
+        api, body = self._body(request, prefix, call_ids)
         if self._whole(request, on_text):
             whole = self.sync_client.with_raw_response
             create_whole = whole.completions.create if api == "completions" else whole.chat.completions.create
             collector = _Collector(None, watch)
             for attempt in Retrying(**self._retry_args()):
                 with attempt:
-                    body = create_whole(**self._unstreamed(kwargs)).http_response.json()
-            collector.add(body)
+                    reply = create_whole(**self._sdk_kwargs(api, self._unstreamed(body))).http_response.json()
+            collector.add(reply)
             return collector.result()
         raw = self.sync_client.with_streaming_response
         create = raw.completions.create if api == "completions" else raw.chat.completions.create
         collector = _Collector(self._trim_limit(request), watch)
         for attempt in Retrying(**self._retry_args()):
             with attempt:
-                opened = create(**kwargs)
+                opened = create(**self._sdk_kwargs(api, body))
                 response = opened.__enter__()
                 try:
                     lines = response.iter_lines()
@@ -552,36 +527,24 @@ class EndpointClient:
         self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
     ) -> Generation:
         """Async :meth:`generate`."""
-        try:
-            gen = await self._agenerate(request, on_text, watch)
-        except openai.APITimeoutError as exc:
-            raise _unmasked(exc) from exc
-        if gen.error is not None:
-            gen.error = _unmasked(gen.error)
-        return gen
-
-    async def _agenerate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
-        api, kwargs = self._kwargs(request, prefix, call_ids)
+        api, body = self._body(request, prefix, call_ids)
+        url, transport = self._url(api), self.transport
         if self._whole(request, on_text):
-            whole = self.async_client.with_raw_response
-            create_whole = whole.completions.create if api == "completions" else whole.chat.completions.create
             collector = _Collector(None, watch)
             async for attempt in AsyncRetrying(**self._retry_args()):
                 with attempt:
-                    body = (await create_whole(**self._unstreamed(kwargs))).http_response.json()
-            collector.add(body)
+                    reply = await transport.post_json(url, self._unstreamed(body))
+            collector.add(reply)
             return collector.result()
-        raw = self.async_client.with_streaming_response
-        create = raw.completions.create if api == "completions" else raw.chat.completions.create
         collector = _Collector(self._trim_limit(request), watch)
         async for attempt in AsyncRetrying(**self._retry_args()):
             with attempt:
-                opened = create(**kwargs)
+                opened = transport.post(url, body)
                 response = await opened.__aenter__()
                 try:
-                    lines = aiter(response.iter_lines())
+                    lines = aiter(transport.lines(response, url))
                     _emit(collector.add_line(await anext(lines, "data: [DONE]")), on_text)
                 except BaseException:
                     await opened.__aexit__(None, None, None)
@@ -614,46 +577,3 @@ def client_for(endpoint: Endpoint) -> EndpointClient:
 def _emit(delta: str, on_text: OnText | None) -> None:
     if delta and on_text is not None:
         on_text(delta)
-
-
-def _unmasked(exc: Exception) -> Exception:
-    """The error a lost connection really is.
-
-    The SDK's aiohttp transport reports a refused or dropped connection as a connect
-    *timeout*; a user seeing "Request timed out" for a server that is down would look in the
-    wrong place. Real timeouts are left as they are.
-    """
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, aiohttp.ClientError):
-        cause = cause.__cause__
-    if cause is None or isinstance(cause, aiohttp.ServerTimeoutError | aiohttp.SocketTimeoutError):
-        return exc
-    if isinstance(exc, openai.APITimeoutError):
-        return openai.APIConnectionError(message=f"Connection error: {cause}", request=exc.request)
-    if isinstance(exc, httpx2.ConnectTimeout):
-        if isinstance(cause, aiohttp.ServerDisconnectedError):
-            return httpx2.RemoteProtocolError(str(cause) or "server disconnected")
-        return httpx2.ConnectError(str(cause))
-    return exc
-
-
-def _close_at_loop_shutdown(client: openai.AsyncOpenAI) -> AsyncGenerator[None]:
-    """Close ``client`` inside its event loop when the loop shuts down.
-
-    A loop has no close hook, but ``asyncio.run`` (and ``asyncio.Runner``, uvicorn,
-    pytest-asyncio) finalize the loop's live async generators before closing it: this one's
-    ``finally`` then closes the client's aiohttp session, so no socket or session leaks.
-    The caller keeps the generator alive (the loop only holds it weakly).
-    """
-
-    async def hook() -> AsyncGenerator[None]:
-        try:
-            yield
-        finally:
-            await client.close()
-
-    agen = hook()
-    step = agen.__anext__()  # registers the generator with the running loop
-    with contextlib.suppress(StopIteration):
-        step.send(None)  # run it to its ``yield``
-    return agen

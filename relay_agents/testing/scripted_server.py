@@ -458,6 +458,7 @@ def create_app(state: _State | None = None) -> Any:
             return _error(str(exc))
         state.models.setdefault(model)
         record = {"path": request.url.path, "model": model, "body": body, "prompt": prompt}
+        record["authorization"] = request.headers.get("authorization")
         record["disconnected"] = False  # set when the client is seen leaving before the end
         state.requests.append(record)
         try:
