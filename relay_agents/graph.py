@@ -69,11 +69,19 @@ class RelayContext:
     (the default). ``relay()``/``arelay()`` turn it off: whole replies are cheaper for vLLM.
     ``conversation_id``: the key of the conversation's budget in the budget store (default:
     the run's ``thread_id``). ``user``: the key of a pool shared by a user's conversations.
+    ``on_delta``: takes each delta (``{"source", "text"}``) in place of the ``custom`` stream,
+    for a consumer in the same event loop: LangGraph's stream writer wakes the loop with a
+    thread-safe call and a waiter task for every token, which cost more than the rest of a
+    streamed answer's token path.
     """
 
     stream_tokens: bool = True
     conversation_id: str | None = None
     user: str | None = None
+    on_delta: Callable[[dict[str, str]], None] | None = None
+
+    def writer(self) -> Callable[[Any], None]:
+        return self.on_delta or get_stream_writer()
 
 
 def _context() -> RelayContext:
@@ -213,8 +221,9 @@ class RelayNodes:
         return {"answer": answer}
 
     def student(self, state: RelayState) -> dict[str, Any]:
-        turn = _StudentTurn(state["answer"], get_stream_writer())
-        live = _context().stream_tokens
+        context = _context()
+        turn = _StudentTurn(state["answer"], context.writer())
+        live = context.stream_tokens
         scopes = self._scopes()
         plan = student_plan(state["answer"], self.config)
         request = student_request(state["answer"], self.config, plan)
@@ -232,8 +241,9 @@ class RelayNodes:
         return self._held(answer, turn.writer, reserved)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
-        turn = _StudentTurn(state["answer"], get_stream_writer())
-        live = _context().stream_tokens
+        context = _context()
+        turn = _StudentTurn(state["answer"], context.writer())
+        live = context.stream_tokens
         scopes = self._scopes()
         plan = student_plan(state["answer"], self.config)
         request = student_request(state["answer"], self.config, plan)
@@ -280,13 +290,14 @@ class RelayNodes:
         return {"answer": answer, "ledger": ledger}
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
-        call = _TeacherCall(state["answer"], get_stream_writer())
+        context = _context()
+        call = _TeacherCall(state["answer"], context.writer())
         reservation = _reservation(state["answer"])
         gen: Generation | None = None
         error: BaseException | None = None
         try:
             request = teacher_request(state["answer"], self.config)
-            gen = self.teacher_client.generate(request, call.on_text if _context().stream_tokens else None)
+            gen = self.teacher_client.generate(request, call.on_text if context.stream_tokens else None)
         except STREAM_ERRORS as exc:
             error = exc
         finally:
@@ -296,14 +307,15 @@ class RelayNodes:
         return self._after_teacher(state, call, gen, error)
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
-        call = _TeacherCall(state["answer"], get_stream_writer())
+        context = _context()
+        call = _TeacherCall(state["answer"], context.writer())
         reservation = _reservation(state["answer"])
         gen: Generation | None = None
         error: BaseException | None = None
         try:
             request = teacher_request(state["answer"], self.config)
             gen = await self.teacher_client.agenerate(
-                request, call.on_text if _context().stream_tokens else None
+                request, call.on_text if context.stream_tokens else None
             )
         except STREAM_ERRORS as exc:
             error = exc

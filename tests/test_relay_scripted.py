@@ -317,3 +317,18 @@ async def test_concurrent_conversations_do_not_mix(scripted: ScriptedServer) -> 
     questions = [f"Q-c{i}:" for i in range(len(letters))]
     results = await asyncio.gather(*(arelay(q, relay_config(scripted)) for q in questions))
     assert [r.text for r in results] == [f"n{i} t{c} end{i}" for i, c in enumerate(letters)]
+
+
+async def test_closing_a_stream_early_cancels_the_upstream_request(scripted: ScriptedServer) -> None:
+    scripted.script("student", "Q-leave", [" ".join(f"w{i}" for i in range(400))])
+    scripted.configure(token_interval_s=0.01)
+    stream = astream_relay("Q-leave", relay_config(scripted))
+    deltas = aiter(stream)
+    first = await anext(deltas)
+    assert first.source == "student" and first.text
+    await deltas.aclose()  # the consumer leaves: the graph's task and its request are cancelled
+    deadline = time.monotonic() + 2
+    while not generation_requests(scripted, "student")[0]["disconnected"]:
+        assert time.monotonic() < deadline, "the upstream request was not cancelled"
+        await asyncio.sleep(0.02)
+    assert stream.result is None

@@ -43,16 +43,18 @@ class RelayRun:
         self.first_text_at: float | None = None
         self.task = asyncio.create_task(self._run(stream))
 
+    def _put(self, delta: RelayDelta) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+        self.queue.put_nowait(delta)
+
     async def _run(self, stream: RelayStream) -> None:
         try:
-            async for delta in stream:
-                if self.first_text_at is None:
-                    self.first_text_at = time.perf_counter()
-                self.queue.put_nowait(delta)
+            result = await stream.run(self._put)
         except Exception as exc:
             self.queue.put_nowait(End(error=exc))
         else:
-            self.queue.put_nowait(End(result=stream.result))
+            self.queue.put_nowait(End(result=result))
 
     async def get(self) -> list[Item]:
         """The next items: waits for one, then takes whatever else is already queued."""
