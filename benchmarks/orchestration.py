@@ -6,8 +6,9 @@ requests: student (calls) -> teacher -> student (calls) -> teacher -> student (e
 
 Reported, side by side in one run:
 * overhead per round: (relay wall time - model-call time) / model requests, p50 and p99, where
-  the model-call time is the same five requests replayed right after with the bare openai SDK
-  (streaming, every chunk read);
+  the model-call time is the same five requests (the bodies the relay sent) replayed right
+  after on a bare aiohttp session, every byte read: the cheapest client there is, so the
+  overhead is everything relay-agents adds to the HTTP requests themselves;
 * wall time / model-call time at concurrency 1;
 * both for whole replies (``arelay``) and for token streaming (``astream_relay``);
 * answers/s at 1, 16, 64 and 256 concurrent conversations and the share of linear scaling.
@@ -27,7 +28,7 @@ import time
 from datetime import date
 from itertools import count
 
-import openai
+import aiohttp
 
 from relay_agents import Endpoint, RelayConfig, arelay, astream_relay
 from relay_agents.testing import ScriptedServer
@@ -79,37 +80,33 @@ async def timed(key: str, cfg: RelayConfig, *, streamed: bool = False) -> float:
     return elapsed
 
 
-_SDK_PARAMS = {"model", "prompt", "max_tokens", "stop", "stream", "stream_options", "temperature", "top_p"}
-
-
-async def replay(server: ScriptedServer, client: openai.AsyncOpenAI, key: str, bodies: list[dict]) -> float:
-    """Time the answer's model requests made directly with the openai SDK."""
+async def replay(
+    server: ScriptedServer, session: aiohttp.ClientSession, key: str, bodies: list[dict]
+) -> float:
+    """Time the answer's model requests (the same bodies) sent on a bare aiohttp session."""
     server.script("student", key, STUDENT)
     server.script("teacher", key, TEACHER)
     started = time.perf_counter()
     for body in bodies:
-        params = {k: v for k, v in body.items() if k in _SDK_PARAMS}
-        extra = {k: v for k, v in body.items() if k not in _SDK_PARAMS}
-        reply = await client.completions.create(**params, extra_body=extra)
-        if params.get("stream"):
-            async for _chunk in reply:
+        async with session.post(f"{server.base_url}/completions", json=body) as response:
+            async for _line in response.content:
                 pass
     return time.perf_counter() - started
 
 
 async def sequential(server: ScriptedServer, cfg: RelayConfig, answers: int, *, streamed: bool) -> dict:
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    session = aiohttp.ClientSession()
     walls, models = [], []
     for i, key in enumerate(script(server, answers + 1)):
         seen = len(server.requests())
         wall = await timed(key, cfg, streamed=streamed)
         bodies = [r["body"] for r in server.requests()[seen:]]
         assert len(bodies) == REQUESTS_PER_ANSWER
-        model = await replay(server, client, key, bodies)
+        model = await replay(server, session, key, bodies)
         if i:  # the first answer warms the connection pools
             walls.append(wall)
             models.append(model)
-    await client.close()
+    await session.close()
     per_round = sorted((w - m) / REQUESTS_PER_ANSWER * 1000 for w, m in zip(walls, models, strict=True))
     return {
         "overhead_ms_p50": statistics.median(per_round),

@@ -2,10 +2,12 @@
 
 Three processes on loopback: the scripted OpenAI-compatible upstream (student and teacher,
 every request answered after a fixed time to first token), ``relay-agents serve`` in front of
-it, and this client (the ``openai`` SDK, streaming, every chunk read). Each measured request
-is timed twice: through the relay server, and as the very upstream requests the relay made
-(bodies read back from the upstream), replayed directly with the SDK at the same concurrency.
-The difference is what the server and the relay add per request.
+it, and this client (a bare aiohttp session reading every SSE line: the measuring client
+must cost next to nothing, or at 200 streams its own CPU would be what is measured). Each
+measured request is timed twice: through the relay server, and as the very upstream requests
+the relay made (bodies read back from the upstream), replayed directly by the same client at
+the same concurrency. The difference is what the server and the relay add per request.
+(``tests/test_server.py`` checks that the ``openai`` SDK reads the server's streams.)
 
 Workloads: ``single`` (the student answers without a call: one upstream request) and
 ``relayed`` (student, one teacher call, student: three upstream requests).
@@ -31,8 +33,8 @@ from datetime import date
 from itertools import count
 from pathlib import Path
 
+import aiohttp
 import httpx2
-import openai
 
 from relay_agents import Endpoint, RelayConfig, astream_relay
 from relay_agents.clients import client_for
@@ -53,7 +55,6 @@ WORKLOADS = {
     ),
 }
 _keys = count()
-_SDK_PARAMS = {"model", "prompt", "max_tokens", "stop", "stream", "stream_options", "temperature", "top_p"}
 
 
 def free_port() -> int:
@@ -116,13 +117,26 @@ def script(upstream: ScriptedServer, workload: str, keys: list[str]) -> None:
             upstream.script(model, key, texts)
 
 
-async def through_relay(client: openai.AsyncOpenAI, key: str) -> float:
+class SSEClient:
+    """POSTs a streaming request and reads its server-sent events to the end."""
+
+    def __init__(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
+
+    async def stream(self, url: str, body: dict) -> None:
+        async with self.session.post(url, json=body) as response:
+            assert response.status == 200, await response.text()
+            async for _line in response.content:
+                pass
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def through_relay(client: SSEClient, server_url: str, key: str) -> float:
     started = time.perf_counter()
-    stream = await client.chat.completions.create(
-        model="relay", messages=[{"role": "user", "content": key}], stream=True
-    )
-    async for _chunk in stream:
-        pass
+    body = {"model": "relay", "messages": [{"role": "user", "content": key}], "stream": True}
+    await client.stream(f"{server_url}/v1/chat/completions", body)
     return time.perf_counter() - started
 
 
@@ -134,15 +148,11 @@ async def in_library(config: RelayConfig, key: str) -> float:
     return time.perf_counter() - started
 
 
-async def direct(client: openai.AsyncOpenAI, bodies: list[dict]) -> float:
+async def direct(client: SSEClient, upstream_url: str, bodies: list[dict]) -> float:
     """The same upstream requests, one after the other, straight to the upstream."""
     started = time.perf_counter()
     for body in bodies:
-        params = {k: v for k, v in body.items() if k in _SDK_PARAMS}
-        extra = {k: v for k, v in body.items() if k not in _SDK_PARAMS}
-        stream = await client.completions.create(**params, extra_body=extra)
-        async for _chunk in stream:
-            pass
+        await client.stream(f"{upstream_url}/completions", body)
     return time.perf_counter() - started
 
 
@@ -162,8 +172,7 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 async def measure(
     upstream: ScriptedServer,
     server: RelayServerProcess,
-    relay: openai.AsyncOpenAI,
-    raw: openai.AsyncOpenAI,
+    client: SSEClient,
     config: RelayConfig,
     workload: str,
     concurrency: int,
@@ -184,14 +193,14 @@ async def measure(
         keys = [f"S{next(_keys)}:" for _ in range(concurrency)]
         script(upstream, workload, keys)
         cpu_before = server.cpu_seconds()
-        via = await asyncio.gather(*(through_relay(relay, k) for k in keys))
+        via = await asyncio.gather(*(through_relay(client, server.url, k) for k in keys))
         if round_:
             server_cpu += server.cpu_seconds() - cpu_before
         bodies = upstream_bodies(upstream, keys, per_request)
         script(upstream, workload, keys)
         library = await asyncio.gather(*(in_library(config, k) for k in keys))
         script(upstream, workload, keys)
-        alone = await asyncio.gather(*(direct(raw, bodies[k]) for k in keys))
+        alone = await asyncio.gather(*(direct(client, upstream.base_url, bodies[k]) for k in keys))
         if round_:
             added += [(v - a) * 1000 for v, a in zip(via, alone, strict=True)]
             added_library += [(v - a) * 1000 for v, a in zip(library, alone, strict=True)]
@@ -217,8 +226,7 @@ async def main(latency_ms: float, requests: int, concurrency: int) -> dict:
     with ScriptedServer() as upstream, tempfile.TemporaryDirectory() as tmp:
         server = RelayServerProcess(upstream, Path(tmp))
         try:
-            relay = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
-            raw = openai.AsyncOpenAI(base_url=upstream.base_url, api_key="x", max_retries=0, timeout=300)
+            client = SSEClient()
             config = RelayConfig(
                 student=Endpoint(base_url=upstream.base_url, model="student", chat_template=CHATML),
                 teacher=Endpoint(base_url=upstream.base_url, model="teacher", chat_template=CHATML),
@@ -229,8 +237,7 @@ async def main(latency_ms: float, requests: int, concurrency: int) -> dict:
                         await measure(
                             upstream,
                             server,
-                            relay,
-                            raw,
+                            client,
                             config,
                             workload,
                             streams,
@@ -238,8 +245,7 @@ async def main(latency_ms: float, requests: int, concurrency: int) -> dict:
                             latency_ms / 1000,
                         )
                     )
-            await relay.close()
-            await raw.close()
+            await client.close()
             for endpoint in (config.student, config.teacher):  # the library's pooled clients
                 await client_for(endpoint).aclose()
         finally:
