@@ -25,9 +25,19 @@ def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[
 
 
 def _text(content: Any) -> str:
+    """A message's text; a non-text part (image, audio, file) is refused, not silently dropped."""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append(part.get("text", ""))
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"content parts of type {kind!r} are not supported: relay prompts are text only")
+    return "".join(parts)
 
 
 def protocol_messages(

@@ -10,10 +10,12 @@ cassettes: this project tests against live loopback servers and records none.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.integration_tests import chat_models as chat_model_suite
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from relay_agents import ChatRelay, Endpoint
@@ -29,6 +31,7 @@ _TOOLS = (
 )
 _STRUCTURED = "structured output and JSON mode need tool calling or response formats, which the relay lacks"
 _MEDIA = "the relay prompt is text only: image, audio and PDF content blocks are not supported"
+_MEDIA_TOOLS = "tool messages with image or PDF content need tool calling, which the relay lacks"
 UNSUPPORTED: dict[str, str] = {
     "test_bind_tool_pydantic": _TOOLS,
     "test_tool_calling": _TOOLS,
@@ -51,21 +54,55 @@ UNSUPPORTED: dict[str, str] = {
     "test_pdf_inputs": _MEDIA,
     "test_audio_inputs": _MEDIA,
     "test_image_inputs": _MEDIA,
-    "test_image_tool_message": _MEDIA,
-    "test_pdf_tool_message": _MEDIA,
+    "test_image_tool_message": _MEDIA_TOOLS,
+    "test_pdf_tool_message": _MEDIA_TOOLS,
     "test_anthropic_inputs": "Anthropic-style content blocks (tool_use, images) are not supported",
     "test_serdes": "ChatRelay is not LangChain-serializable: langchain_core.load cannot rebuild its "
     "Endpoint and RelayConfig fields",
 }
+#: What the expected failure must be, where it is one of ChatRelay's own refusals.
+_REFUSALS: dict[str, type[Exception]] = {
+    _TOOLS: NotImplementedError,
+    _MEDIA_TOOLS: NotImplementedError,
+    _MEDIA: ValueError,
+}
+
+
+#: Media files as the suite would download them: enough bytes to be sent, never fetched.
+_MEDIA_FILES = {
+    ".wav": b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00@\x1f\x00\x00\x80>\x00\x00\x02\x00"
+    b"\x10\x00data\x00\x00\x00\x00",
+    ".png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89",
+    ".pdf": b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n",
+}
+
+
+class _OfflineMedia:
+    """Stands in for the suite's ``httpx`` module: its media tests fetch files from the web,
+    and without network they would fail on the download instead of on ChatRelay."""
+
+    @staticmethod
+    def get(url: str, **_: Any) -> SimpleNamespace:
+        return SimpleNamespace(content=_MEDIA_FILES[url[url.rindex(".") :]])
+
+
+def expect_unsupported(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strict xfail, with the reason, for each test of a feature ChatRelay does not support; where
+    the failure is ChatRelay's own refusal it must be that one (``_REFUSALS``). Media tests get
+    their files offline, so that they fail on the refusal and not on the download."""
+    name = request.node.originalname
+    if name not in UNSUPPORTED:
+        return
+    reason = UNSUPPORTED[name]
+    request.applymarker(pytest.mark.xfail(reason=reason, strict=True, raises=_REFUSALS.get(reason)))
+    if reason in (_MEDIA, _MEDIA_TOOLS):
+        monkeypatch.setattr(chat_model_suite, "httpx", _OfflineMedia)
 
 
 @pytest.fixture(autouse=True)
 def _unsupported(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Strict xfail, with the reason, for each test of a feature ChatRelay does not support."""
-    name = request.node.originalname
-    if name in UNSUPPORTED:
-        request.applymarker(pytest.mark.xfail(reason=UNSUPPORTED[name], strict=True))
-    if name == "test_serdes":  # the suite skips unless the class claims to be serializable
+    expect_unsupported(request, monkeypatch)
+    if request.node.originalname == "test_serdes":  # the suite skips unless the class is serializable
         monkeypatch.setattr(ChatRelay, "is_lc_serializable", classmethod(lambda cls: True))
 
 

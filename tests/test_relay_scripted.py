@@ -332,3 +332,15 @@ async def test_closing_a_stream_early_cancels_the_upstream_request(scripted: Scr
         assert time.monotonic() < deadline, "the upstream request was not cancelled"
         await asyncio.sleep(0.02)
     assert stream.result is None
+
+
+async def test_image_content_is_refused_not_dropped(scripted: ScriptedServer) -> None:
+    question = HumanMessage(
+        [{"type": "text", "text": "What is in this picture?"}, {"type": "image", "url": "https://x/y.png"}]
+    )
+    with pytest.raises(ValueError, match="not supported: relay prompts are text only"):
+        await arelay([question], relay_config(scripted))
+    assert generation_requests(scripted, "student") == []  # nothing was sent without the image
+    text_parts = HumanMessage([{"type": "text", "text": "Q-parts"}, {"type": "text", "text": " twice"}])
+    scripted.script("student", "Q-parts", ["Fine."])
+    assert (await arelay([text_parts], relay_config(scripted))).text == "Fine."

@@ -13,16 +13,14 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from relay_agents import ChatRelay
-from tests.test_chat_model_standard import UNSUPPORTED, _Features
+from tests.test_chat_model_standard import _Features, expect_unsupported
 
 _PARAMS: dict[str, Any] = {}
 
 
 @pytest.fixture(autouse=True)
-def _tiny_pair(request: pytest.FixtureRequest, tiny_servers: Any) -> None:
-    name = request.node.originalname
-    if name in UNSUPPORTED:
-        request.applymarker(pytest.mark.xfail(reason=UNSUPPORTED[name], strict=True))
+def _tiny_pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tiny_servers: Any) -> None:
+    expect_unsupported(request, monkeypatch)
     _PARAMS["config"] = tiny_servers.relay_config()
     _PARAMS["override"] = tiny_servers.student.model
 
