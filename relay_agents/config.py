@@ -262,11 +262,16 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not _replaces(key, out[key], value):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _replaces(key: str, base: dict[str, Any], over: dict[str, Any]) -> bool:
+    """A policy of another kind replaces the policy table: the old settings are the old kind's."""
+    return key == "policy" and "kind" in over and over["kind"] != base.get("kind", "command")
 
 
 def load_config(

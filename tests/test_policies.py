@@ -114,6 +114,21 @@ def test_environment_settings_join_a_toml_shorthand(tmp_path: Path) -> None:
     assert load_config(path, env=env).policy == ConfidencePolicy(threshold=0.2)
 
 
+def test_a_policy_of_another_kind_in_the_environment_replaces_the_toml_table(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[policy]\nkind = "confidence"\nthreshold = 0.25\n')
+    env = {
+        "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
+        "RELAY_STUDENT_MODEL": "s",
+        "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
+        "RELAY_TEACHER_MODEL": "t",
+    }
+    assert load_config(path, env={**env, "RELAY_POLICY": "interval"}).policy == IntervalPolicy()
+    # The same kind keeps the file's settings and takes the environment's on top.
+    same = {**env, "RELAY_POLICY": "confidence", "RELAY_POLICY_CALL_TOKENS": "6"}
+    assert load_config(path, env=same).policy == ConfidencePolicy(threshold=0.25, call_tokens=6)
+
+
 def test_bad_policies_name_the_field() -> None:
     env = {
         "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
