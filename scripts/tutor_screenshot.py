@@ -21,21 +21,13 @@ from playwright.sync_api import sync_playwright
 
 from relay_agents.config import Budget
 from relay_agents.serving import TinyPairServers, VLLMServer, tiny_pair_servers
+from relay_agents.testing.browser import launch_chromium
 from relay_agents.tiny import tasks
 from relay_agents.tiny.build import TinyPair
 from relay_agents.tutor.service import TutorOptions
 from relay_agents.tutor.web import create_tutor_app
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def pair_servers(pair_dir: Path | None) -> TinyPairServers:
@@ -55,7 +47,7 @@ def main() -> None:
     parser.add_argument(
         "--question", action="append", default=None, help="ask this instead (repeat; for an older --pair)"
     )
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--chromium", default=None, help="default: RELAY_CHROMIUM, else chromium on PATH")
     parser.add_argument("--pair", type=Path, default=None, help="a built tiny pair (default: build or load)")
     args = parser.parse_args()
     questions = args.question or [p.question for p in tasks.eval_problems(args.questions)]
@@ -74,9 +66,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
         try:
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True
-                )
+                browser = launch_chromium(playwright, args.chromium)
                 page = browser.new_page(viewport={"width": 1280, "height": 940})
                 page.goto(url)
                 page.wait_for_selector("body[data-ready=true]")

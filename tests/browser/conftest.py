@@ -8,22 +8,14 @@ otherwise a missing browser fails them (``.ci/run`` installs it).
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from relay_agents.testing.browser import chromium_executable, launch_chromium
+
 SKIP = os.environ.get("RELAY_SKIP_BROWSER") == "1"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -36,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def chromium_path() -> str:
-    path = os.environ.get("RELAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    path = chromium_executable()
     if not Path(path).is_file():
         pytest.fail(
             "Debian's chromium is not installed (apt-get install -y chromium); the browser tests need "
@@ -53,7 +45,7 @@ def browser() -> Iterator[object]:
 
     executable = chromium_path()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        browser = launch_chromium(playwright, executable)
         try:
             yield browser
         finally:
