@@ -262,9 +262,9 @@ def relay_cache_phase(cfg: RelayConfig, metrics_url: str, questions: list, log: 
     student = client_for(cfg.student)
     original = student.agenerate
 
-    async def instrumented(request, on_text=None):
+    async def instrumented(request, on_text=None, watch=None):
         before = await asyncio.to_thread(read_cache_counters, metrics_url)
-        gen = await original(request, on_text)
+        gen = await original(request, on_text, watch)
         after = await asyncio.to_thread(read_cache_counters, metrics_url)
         log.add(
             "resume" if request.answer else "first",
