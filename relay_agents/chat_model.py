@@ -33,6 +33,9 @@ answer across two models, and neither endpoint is asked for tool calls.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -327,29 +330,29 @@ class ChatRelay(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        """The relay graph runs in a task of its own, handing deltas to this generator directly
+        (``RelayContext.on_delta``: LangGraph's ``custom`` stream woke the loop for every token).
+        The task starts without the caller's runnable config (see :func:`_isolated`)."""
         graph = self._graph_for_call(kwargs)
-        context = self._context(kwargs, run_manager, stream_tokens=True)
-        token = var_child_runnable_config.set(None)
-        try:
-            stream = graph.astream({"messages": messages}, stream_mode=_STREAM_MODES, context=context)
-        finally:
-            var_child_runnable_config.reset(token)
+        deltas: asyncio.Queue[dict[str, str] | None] = asyncio.Queue()
+        context = dataclasses.replace(
+            self._context(kwargs, run_manager, stream_tokens=True), on_delta=deltas.put_nowait
+        )
+        run = _isolated(lambda: asyncio.ensure_future(graph.ainvoke({"messages": messages}, context=context)))
+        run.add_done_callback(lambda _: deltas.put_nowait(None))
         chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
         try:
-            while True:
-                token = var_child_runnable_config.set(None)
-                try:
-                    item = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    var_child_runnable_config.reset(token)
-                for chunk in chunks.take(*item):
+            while (delta := await deltas.get()) is not None:
+                for chunk in chunks.take("custom", delta):
                     if run_manager and chunk.text:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
+            chunks.take("values", run.result())
         finally:
-            await stream.aclose()
+            if not run.done():
+                run.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run
         for chunk in chunks.finish():
             yield chunk
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
@@ -197,3 +199,18 @@ async def test_inside_a_user_graph_with_a_checkpointer(scripted: ScriptedServer)
         )
     ]
     assert "".join(tokens) == "Noted."
+
+
+async def test_leaving_an_astream_early_cancels_the_upstream_request(scripted: ScriptedServer) -> None:
+    scripted.script("student", "Q-leave", [" ".join(f"w{i}" for i in range(400))])
+    scripted.configure(token_interval_s=0.01)
+    stream = chat(scripted).astream("Q-leave")
+    first = await anext(stream)
+    assert first.text and first.response_metadata["relay_sources"] == ["student"]
+    await stream.aclose()
+    deadline = asyncio.get_running_loop().time() + 2
+    student = [r for r in scripted.requests() if r["model"] == "student"]
+    while not student[0]["disconnected"]:
+        assert asyncio.get_running_loop().time() < deadline, "the upstream request was not cancelled"
+        await asyncio.sleep(0.02)
+        student = [r for r in scripted.requests() if r["model"] == "student"]
