@@ -25,6 +25,12 @@ ENDPOINTS = {
     "student": {"base_url": "http://127.0.0.1:1/v1", "model": "s"},
     "teacher": {"base_url": "http://127.0.0.1:2/v1", "model": "t"},
 }
+ENDPOINTS_ENV = {
+    "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
+    "RELAY_STUDENT_MODEL": "s",
+    "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
+    "RELAY_TEACHER_MODEL": "t",
+}
 
 
 def config(**kw: object) -> RelayConfig:
@@ -87,10 +93,7 @@ def test_policy_table_in_toml(tmp_path: Path) -> None:
 
 def test_policy_from_environment() -> None:
     env = {
-        "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
-        "RELAY_STUDENT_MODEL": "s",
-        "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
-        "RELAY_TEACHER_MODEL": "t",
+        **ENDPOINTS_ENV,
         "RELAY_POLICY": "interval",
         "RELAY_POLICY_EVERY": "12",
         "RELAY_MIN_TOKENS_BETWEEN_CALLS": "3",
@@ -105,10 +108,7 @@ def test_environment_settings_join_a_toml_shorthand(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('policy = "confidence"\n')
     env = {
-        "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
-        "RELAY_STUDENT_MODEL": "s",
-        "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
-        "RELAY_TEACHER_MODEL": "t",
+        **ENDPOINTS_ENV,
         "RELAY_POLICY_THRESHOLD": "0.2",
     }
     assert load_config(path, env=env).policy == ConfidencePolicy(threshold=0.2)
@@ -117,24 +117,16 @@ def test_environment_settings_join_a_toml_shorthand(tmp_path: Path) -> None:
 def test_a_policy_of_another_kind_in_the_environment_replaces_the_toml_table(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('[policy]\nkind = "confidence"\nthreshold = 0.25\n')
-    env = {
-        "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
-        "RELAY_STUDENT_MODEL": "s",
-        "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
-        "RELAY_TEACHER_MODEL": "t",
-    }
-    assert load_config(path, env={**env, "RELAY_POLICY": "interval"}).policy == IntervalPolicy()
+    interval = {**ENDPOINTS_ENV, "RELAY_POLICY": "interval"}
+    assert load_config(path, env=interval).policy == IntervalPolicy()
     # The same kind keeps the file's settings and takes the environment's on top.
-    same = {**env, "RELAY_POLICY": "confidence", "RELAY_POLICY_CALL_TOKENS": "6"}
+    same = {**ENDPOINTS_ENV, "RELAY_POLICY": "confidence", "RELAY_POLICY_CALL_TOKENS": "6"}
     assert load_config(path, env=same).policy == ConfidencePolicy(threshold=0.25, call_tokens=6)
 
 
 def test_bad_policies_name_the_field() -> None:
     env = {
-        "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:1/v1",
-        "RELAY_STUDENT_MODEL": "s",
-        "RELAY_TEACHER_BASE_URL": "http://127.0.0.1:2/v1",
-        "RELAY_TEACHER_MODEL": "t",
+        **ENDPOINTS_ENV,
         "RELAY_POLICY": "confidence",
         "RELAY_POLICY_THRESHOLD": "1.5",
     }
