@@ -15,7 +15,7 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel, Field
 
 from relay_agents.config import RelayConfig
-from relay_agents.graph import RelayContext, build_relay_graph, shared_relay_graph
+from relay_agents.graph import RelayContext, build_relay_graph, drain_deltas, shared_relay_graph
 from relay_agents.prompts import Message
 
 
@@ -195,8 +195,9 @@ class RelayStream:
 
         The deltas go straight from the graph's nodes to ``on_delta``
         (``RelayContext.on_delta``) rather than through LangGraph's ``custom`` stream mode,
-        which woke the event loop with a thread-safe call and a waiter task for every token:
-        a third of the CPU of a streamed answer.
+        which wakes the event loop with a thread-safe call and a waiter task for every token
+        (measured: 1.95 -> 1.71 ms of CPU for a one-request streamed answer in process, 2.7 ->
+        2.2 ms in the server).
         """
 
         def sink(delta: dict[str, str]) -> None:
@@ -210,16 +211,9 @@ class RelayStream:
     async def __aiter__(self) -> AsyncIterator[RelayDelta]:
         deltas: asyncio.Queue[RelayDelta | None] = asyncio.Queue()
         run = asyncio.ensure_future(self.run(deltas.put_nowait))
-        run.add_done_callback(lambda _: deltas.put_nowait(None))
-        try:
-            while (delta := await deltas.get()) is not None:
+        async with contextlib.aclosing(drain_deltas(run, deltas)) as stream:  # leaving cancels the run
+            async for delta in stream:
                 yield delta
-            run.result()  # the run's exception, if it failed
-        finally:
-            if not run.done():
-                run.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await run
 
     def __iter__(self) -> Iterator[RelayDelta]:
         for mode, payload in self._graph.stream(

@@ -50,7 +50,7 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from relay_agents.config import Endpoint, RelayConfig
-from relay_agents.graph import RelayContext, shared_relay_graph
+from relay_agents.graph import RelayContext, drain_deltas, shared_relay_graph
 
 __all__ = ["ChatRelay"]
 
@@ -339,20 +339,14 @@ class ChatRelay(BaseChatModel):
             self._context(kwargs, run_manager, stream_tokens=True), on_delta=deltas.put_nowait
         )
         run = _isolated(lambda: asyncio.ensure_future(graph.ainvoke({"messages": messages}, context=context)))
-        run.add_done_callback(lambda _: deltas.put_nowait(None))
         chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
-        try:
-            while (delta := await deltas.get()) is not None:
+        async with contextlib.aclosing(drain_deltas(run, deltas)) as stream:  # leaving cancels the run
+            async for delta in stream:
                 for chunk in chunks.take("custom", delta):
                     if run_manager and chunk.text:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
-            chunks.take("values", run.result())
-        finally:
-            if not run.done():
-                run.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await run
+        chunks.take("values", run.result())
         for chunk in chunks.finish():
             yield chunk
 

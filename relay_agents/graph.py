@@ -9,7 +9,8 @@ Model text is streamed through the ``custom`` stream mode as ``{"source", "text"
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, TypedDict
@@ -70,9 +71,9 @@ class RelayContext:
     ``conversation_id``: the key of the conversation's budget in the budget store (default:
     the run's ``thread_id``). ``user``: the key of a pool shared by a user's conversations.
     ``on_delta``: takes each delta (``{"source", "text"}``) in place of the ``custom`` stream,
-    for a consumer in the same event loop: LangGraph's stream writer wakes the loop with a
-    thread-safe call and a waiter task for every token, which cost more than the rest of a
-    streamed answer's token path.
+    for a consumer in the same event loop (``astream_relay``, the server, ``ChatRelay.astream``):
+    LangGraph's stream writer wakes the loop with a thread-safe call and a waiter task for
+    every token.
     """
 
     stream_tokens: bool = True
@@ -82,6 +83,22 @@ class RelayContext:
 
     def writer(self) -> Callable[[Any], None]:
         return self.on_delta or get_stream_writer()
+
+
+async def drain_deltas(run: asyncio.Future[Any], deltas: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """Yield what ``run`` (a relay running with ``on_delta=deltas.put_nowait``) puts into
+    ``deltas`` until it ends, then raise its error if it failed; cancel it (and its upstream
+    requests) if the consumer leaves first."""
+    run.add_done_callback(lambda _: deltas.put_nowait(None))
+    try:
+        while (delta := await deltas.get()) is not None:
+            yield delta
+        run.result()
+    finally:
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
 
 
 def _context() -> RelayContext:
