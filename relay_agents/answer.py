@@ -80,6 +80,7 @@ class Ledger(TypedDict):
 
 
 class AnswerState(TypedDict):
+    question_id: str | None  # the id of the message this answer replies to
     messages: list[Message]
     student_view: str
     spans: list[SpanDict]
@@ -109,8 +110,9 @@ def new_ledger() -> Ledger:
     return {"teacher_tokens": 0, "teacher_calls": 0, "teacher_cost_usd": 0.0}
 
 
-def start_answer(messages: list[Message], config: RelayConfig) -> AnswerState:
+def start_answer(messages: list[Message], config: RelayConfig, question_id: str | None = None) -> AnswerState:
     return {
+        "question_id": question_id,
         "messages": messages,
         "student_view": "",
         "spans": [],

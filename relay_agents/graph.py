@@ -1,8 +1,10 @@
-"""The relay loop as a LangGraph state machine: ``begin -> student <-> teacher -> finish``.
+"""The relay loop as a LangGraph state machine: ``START -> student <-> teacher -> END``.
 
 State is declared once. ``messages`` follows LangGraph's messages convention (the reply
 is an ``AIMessage``); ``ledger`` is the conversation's teacher spend, so a checkpointer
 persists the budget across the turns of a thread; ``answer`` is the answer in progress.
+The first student step begins the answer and the step that ends it writes the reply: no
+begin or finish node, because every LangGraph step costs more than those two did.
 Model text is streamed through the ``custom`` stream mode as ``{"source", "text"}``.
 """
 
@@ -192,28 +194,39 @@ class RelayNodes:
             scopes.append(Scope("user", user_key(context.user), config.user_budget))
         return scopes
 
-    def begin(self, state: RelayState) -> dict[str, Any]:
+    def _begun(self, state: RelayState) -> tuple[AnswerState, Ledger]:
+        """The answer in progress, or a new one when this run starts: an answer belongs to the
+        message it replies to, so a thread's next question (or a run retried after a failure
+        with a new question) never continues an old answer, while a resumed run does."""
+        question = state["messages"][-1]
+        answer = state.get("answer")
+        ledger = state.get("ledger") or new_ledger()
+        if answer is not None and answer.get("question_id") == question.id:
+            return answer, ledger
         messages = protocol_messages(
             to_openai_messages(state["messages"]),
             user_template=self.config.user_template,
             system_prompt=self.config.system_prompt,
         )
-        return {
-            "answer": start_answer(messages, self.config),
-            "ledger": state.get("ledger") or new_ledger(),
-        }
+        return start_answer(messages, self.config, question.id), ledger
 
     # student -------------------------------------------------------------------------
 
     def _after_student(
-        self, state: RelayState, turn: _StudentTurn, gen: Generation, scopes: list[Scope], plan: TurnPlan
+        self,
+        answer: AnswerState,
+        ledger: Ledger,
+        turn: _StudentTurn,
+        gen: Generation,
+        scopes: list[Scope],
+        plan: TurnPlan,
     ) -> AnswerState:
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
         in_store = any(s.kind == "conversation" for s in scopes)
         answer, deltas = finish_student_turn(
-            state["answer"],
-            None if in_store else state["ledger"],
+            answer,
+            None if in_store else ledger,
             self.config,
             gen,
             "".join(turn.parts),
@@ -223,7 +236,7 @@ class RelayNodes:
         _write(turn.writer, deltas)
         return answer
 
-    def _held(self, answer: AnswerState, writer: Writer, reserved: Reservation | None) -> dict[str, Any]:
+    def _held(self, answer: AnswerState, writer: Writer, reserved: Reservation | None) -> AnswerState:
         """Apply the store's grant (if the call went to a store) and the raise-when-spent policy."""
         if reserved is not None:
             answer, deltas = apply_reservation(
@@ -235,47 +248,52 @@ class RelayNodes:
             _write(writer, deltas)
         if self.config.on_budget_exhausted == "raise" and (event := budget_declined(answer)) is not None:
             raise BudgetExceeded(event["message"], scope=event.get("scope"), reason=event.get("reason"))
-        return {"answer": answer}
+        return answer
 
     def student(self, state: RelayState) -> dict[str, Any]:
+        answer, ledger = self._begun(state)
         context = _context()
-        turn = _StudentTurn(state["answer"], context.writer())
+        turn = _StudentTurn(answer, context.writer())
         live = context.stream_tokens
         scopes = self._scopes()
-        plan = student_plan(state["answer"], self.config)
-        request = student_request(state["answer"], self.config, plan)
+        plan = student_plan(answer, self.config)
+        request = student_request(answer, self.config, plan)
         if plan.call_at_start:
             gen = skipped_student_turn()
         else:
             gen = self.student_client.generate(request, turn.on_text if live else None, _watch(plan))
         if not live:
             turn.on_text(gen.text)
-        answer = self._after_student(state, turn, gen, scopes, plan)
+        answer = self._after_student(answer, ledger, turn, gen, scopes, plan)
         reserved: Reservation | None = None
         if answer["call"] is not None and scopes:
             quote = call_quote(answer, self.config, answer["call"]["granted"])
             reserved = self.budget_store.reserve(scopes, quote)
-        return self._held(answer, turn.writer, reserved)
+        answer = self._held(answer, turn.writer, reserved)
+        return self._update(answer, ledger, self._spent(scopes) if route(answer) == "finish" else None)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
+        answer, ledger = self._begun(state)
         context = _context()
-        turn = _StudentTurn(state["answer"], context.writer())
+        turn = _StudentTurn(answer, context.writer())
         live = context.stream_tokens
         scopes = self._scopes()
-        plan = student_plan(state["answer"], self.config)
-        request = student_request(state["answer"], self.config, plan)
+        plan = student_plan(answer, self.config)
+        request = student_request(answer, self.config, plan)
         if plan.call_at_start:
             gen = skipped_student_turn()
         else:
             gen = await self.student_client.agenerate(request, turn.on_text if live else None, _watch(plan))
         if not live:
             turn.on_text(gen.text)
-        answer = self._after_student(state, turn, gen, scopes, plan)
+        answer = self._after_student(answer, ledger, turn, gen, scopes, plan)
         reserved: Reservation | None = None
         if answer["call"] is not None and scopes:
             quote = call_quote(answer, self.config, answer["call"]["granted"])
             reserved = await self.budget_store.areserve(scopes, quote)
-        return self._held(answer, turn.writer, reserved)
+        answer = self._held(answer, turn.writer, reserved)
+        spent = await self._aspent(scopes) if route(answer) == "finish" else None
+        return self._update(answer, ledger, spent)
 
     # teacher -------------------------------------------------------------------------
 
@@ -292,7 +310,7 @@ class RelayNodes:
         call: _TeacherCall,
         gen: Generation | None,
         error: BaseException | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[AnswerState, Ledger]:
         failed = error if gen is None else gen.error
         if failed is not None and self.config.on_teacher_failure == "raise":
             raise failed
@@ -304,7 +322,7 @@ class RelayNodes:
             state["answer"], state["ledger"], self.config, gen, error
         )
         _write(call.writer, deltas)
-        return {"answer": answer, "ledger": ledger}
+        return answer, ledger
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
         context = _context()
@@ -321,7 +339,10 @@ class RelayNodes:
             gen, error = _answered(gen, error)
             if reservation is not None:
                 self.budget_store.settle(reservation["id"], reservation["keys"], self._charged(gen))
-        return self._after_teacher(state, call, gen, error)
+        answer, ledger = self._after_teacher(state, call, gen, error)
+        if route(answer) != "finish":
+            return {"answer": answer, "ledger": ledger}
+        return self._update(answer, ledger, self._spent(self._scopes()))
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
         context = _context()
@@ -342,39 +363,51 @@ class RelayNodes:
                 await asyncio.shield(
                     self.budget_store.asettle(reservation["id"], reservation["keys"], self._charged(gen))
                 )
-        return self._after_teacher(state, call, gen, error)
+        answer, ledger = self._after_teacher(state, call, gen, error)
+        if route(answer) != "finish":
+            return {"answer": answer, "ledger": ledger}
+        return self._update(answer, ledger, await self._aspent(self._scopes()))
 
-    # finish --------------------------------------------------------------------------
+    # the end of the answer ------------------------------------------------------------
 
-    def _reply(self, state: RelayState, store_spent: dict[ScopeKind, Spend]) -> dict[str, Any]:
-        answer = state["answer"]
-        meta = relay_metadata(answer, state["ledger"], self.config, store_spent)
+    def _spent(self, scopes: list[Scope]) -> dict[ScopeKind, Spend]:
+        spent = self.budget_store.spent([s.key for s in scopes]) if scopes else {}
+        return {s.kind: spent[s.key] for s in scopes}
+
+    async def _aspent(self, scopes: list[Scope]) -> dict[ScopeKind, Spend]:
+        spent = await self.budget_store.aspent([s.key for s in scopes]) if scopes else {}
+        return {s.kind: spent[s.key] for s in scopes}
+
+    def _update(
+        self,
+        answer: AnswerState,
+        ledger: Ledger,
+        store_spent: dict[ScopeKind, Spend] | None,
+    ) -> dict[str, Any]:
+        """The node's state update; once the answer is finished (``store_spent`` read), the
+        reply too: the node that ends the answer writes it, which saves LangGraph a step."""
+        update: dict[str, Any] = {"answer": answer, "ledger": ledger}
+        if store_spent is None:
+            return update
+        meta = relay_metadata(answer, ledger, self.config, store_spent)
         input_tokens = answer["student_prompt_tokens"] + answer["teacher_prompt_tokens"]
         output_tokens = answer["student_tokens"] + answer["teacher_tokens"]
-        message = AIMessage(
-            content="".join(span["text"] for span in answer["spans"]),
-            response_metadata={
-                "relay": meta,
-                "model_name": self.config.student.model,
-                "finish_reason": answer["finish_reason"],
-            },
-            usage_metadata={
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            },
-        )
-        return {"messages": [message]}
-
-    def finish(self, state: RelayState) -> dict[str, Any]:
-        scopes = self._scopes()
-        spent = self.budget_store.spent([s.key for s in scopes]) if scopes else {}
-        return self._reply(state, {s.kind: spent[s.key] for s in scopes})
-
-    async def afinish(self, state: RelayState) -> dict[str, Any]:
-        scopes = self._scopes()
-        spent = await self.budget_store.aspent([s.key for s in scopes]) if scopes else {}
-        return self._reply(state, {s.kind: spent[s.key] for s in scopes})
+        update["messages"] = [
+            AIMessage(
+                content="".join(span["text"] for span in answer["spans"]),
+                response_metadata={
+                    "relay": meta,
+                    "model_name": self.config.student.model,
+                    "finish_reason": answer["finish_reason"],
+                },
+                usage_metadata={
+                    "input_tokens": input_tokens,
+                    "output_tokens": output_tokens,
+                    "total_tokens": input_tokens + output_tokens,
+                },
+            )
+        ]
+        return update
 
 
 def _watch(plan: TurnPlan) -> Callable[..., bool] | None:
@@ -421,8 +454,8 @@ def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
 
 
 def recursion_limit(config: RelayConfig) -> int:
-    """Steps one answer may take: begin, finish, and a student/teacher pair per turn."""
-    return 2 * config.max_student_turns + 4
+    """Steps one answer may take: a student/teacher pair per turn, and a spare."""
+    return 2 * config.max_student_turns + 2
 
 
 def build_relay_graph(
@@ -445,17 +478,14 @@ def build_relay_graph(
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
-    builder.add_node("begin", _both(nodes.begin, "begin"))
     # A sync and an async body per node, as LangGraph's prebuilt graphs do (RunnableCallable
     # checks signatures once; RunnableLambda does it on every call).
     builder.add_node("student", RunnableCallable(nodes.student, nodes.astudent, name="student"))
     builder.add_node("teacher", RunnableCallable(nodes.teacher, nodes.ateacher, name="teacher"))
-    builder.add_node("finish", RunnableCallable(nodes.finish, nodes.afinish, name="finish"))
-    builder.add_edge(START, "begin")
-    builder.add_edge("begin", "student")
+    builder.add_edge(START, "student")
     route_next = _both(_route, "route", trace=False)
-    builder.add_conditional_edges("student", route_next, ["student", "teacher", "finish"])
-    builder.add_conditional_edges("teacher", route_next, ["student", "finish"])
-    builder.add_edge("finish", END)
+    ends = {"student": "student", "finish": END}
+    builder.add_conditional_edges("student", route_next, {**ends, "teacher": "teacher"})
+    builder.add_conditional_edges("teacher", route_next, ends)
     graph = builder.compile(checkpointer=checkpointer, name=name)
     return graph.with_config(recursion_limit=recursion_limit(config))

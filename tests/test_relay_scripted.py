@@ -151,6 +151,31 @@ async def test_the_budget_persists_across_turns_of_a_thread(scripted: ScriptedSe
     assert other["messages"][-1].response_metadata["relay"]["budget"]["spent_teacher_tokens"] == 2
 
 
+async def test_a_failed_answer_resumes_and_a_new_question_starts_afresh(scripted: ScriptedServer) -> None:
+    """An answer belongs to its question: resuming a failed run continues it; the thread's
+    next question does not."""
+    config = relay_config(scripted, on_teacher_failure="raise", teacher={"retry_initial_delay": 0.01})
+    graph = build_relay_graph(config, checkpointer=InMemorySaver())
+    thread = {"configurable": {"thread_id": "t-fail"}}
+    scripted.script("student", "Q-fail", ["So x = <call>2</call>", " so x = 7."])
+    scripted.script("teacher", "Q-fail", [" 3 4"])
+    scripted.faults("teacher", ["500", "500", "500"])
+    with pytest.raises(openai.InternalServerError):
+        await graph.ainvoke({"messages": [HumanMessage("Q-fail")]}, thread)
+    resumed = await graph.ainvoke(None, thread)
+    assert resumed["messages"][-1].text == "So x = 3 4 so x = 7."
+    assert len(resumed["messages"]) == 2
+
+    scripted.script("student", "Q-again", ["So y = <call>2</call>", " never."])
+    scripted.faults("teacher", ["500", "500", "500"])
+    with pytest.raises(openai.InternalServerError):
+        await graph.ainvoke({"messages": [HumanMessage("Q-again")]}, thread)
+    scripted.script("student", "Q-next", ["Fresh answer."])
+    state = await graph.ainvoke({"messages": [HumanMessage("Q-next")]}, thread)
+    assert state["messages"][-1].text == "Fresh answer."
+    assert [m.type for m in state["messages"]] == ["human", "ai", "human", "human", "ai"]
+
+
 def _dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
