@@ -158,6 +158,10 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="uvicorn log level (RELAY_SERVER_LOG_LEVEL; default info).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Server processes sharing the port (RELAY_SERVER_WORKERS; default 1)."),
+    ] = None,
 ) -> None:
     """Serve the relay as an OpenAI-compatible API: /v1/chat/completions, /v1/completions,
     /v1/models, /health and /metrics. RELAY_API_KEYS (comma-separated) turns on bearer keys."""
@@ -165,31 +169,33 @@ def serve(
         import uvicorn
 
         from relay_agents.server import ServerSettings, create_app
+        from relay_agents.server.workers import WORKER_APP, worker_environment
     except ImportError as exc:
         errors.print(f"[red]error:[/red] the server needs its extra ({exc.name} is missing):")
         errors.print("  pip install 'relay-agents[server]'")
         raise typer.Exit(1) from None
     config = _load(config_file)
     try:
-        settings = ServerSettings.load(config_file=config_file, host=host, port=port, log_level=log_level)
-        server_app = create_app(config, settings)
+        flags = {"host": host, "port": port, "log_level": log_level, "workers": workers}
+        settings = ServerSettings.load(config_file=config_file, **flags)
+        server_app = create_app(config, settings)  # the workers' config and settings are valid
     except (ConfigError, ValueError) as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     keys = f"{len(settings.api_keys)} API keys" if settings.api_keys else "no API keys (open)"
+    processes = f", {settings.workers} workers" if settings.workers > 1 else ""
     errors.print(
         f"serving model {settings.model!r} on http://{settings.host}:{settings.port}/v1 "
-        f"(student {config.student.model}, teacher {config.teacher.model}; {keys})"
+        f"(student {config.student.model}, teacher {config.teacher.model}; {keys}{processes})"
     )
+    listen = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    listen |= {"backlog": 2048, "timeout_graceful_shutdown": 5}
     try:
-        uvicorn.run(
-            server_app,
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            backlog=2048,
-            timeout_graceful_shutdown=5,
-        )
+        if settings.workers == 1:
+            uvicorn.run(server_app, **listen)
+        else:
+            with worker_environment(config_file, **flags):
+                uvicorn.run(WORKER_APP, factory=True, workers=settings.workers, **listen)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown
         raise typer.Exit(130) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -126,3 +127,73 @@ def test_serve_stops_quietly_on_ctrl_c(scripted: ScriptedServer, tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=15)
     assert proc.returncode in (0, 130) and "Traceback" not in stderr, stderr
+
+
+def _spawned_workers(parent: int) -> int:
+    """uvicorn's worker processes (multiprocessing spawn children) of ``parent``."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        count += ppid == parent and b"spawn_main" in cmdline
+    return count
+
+
+async def test_serve_with_workers_shares_budgets_and_metrics(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    """Two worker processes: one conversation's budget is never overspent across them, and
+    every scrape of /metrics, whichever worker answers it, counts the requests of both."""
+    questions = [f"Q-workers-{i}" for i in range(16)]
+    for question in questions:
+        scripted.script("student", question, ["So x = <call>2</call>", " done."])
+        scripted.script("teacher", question, [" 1 2"])
+    port, tmp = free_port(), tmp_path / "tmp"
+    tmp.mkdir()
+    env = relay_env(
+        scripted,
+        tmp_path,
+        RELAY_BUDGET_MAX_TEACHER_CALLS="5",
+        RELAY_AGENTS_STATE=str(tmp_path / "state"),
+        TMPDIR=str(tmp),
+    )
+    proc = subprocess.Popen(
+        [CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        assert _spawned_workers(proc.pid) == 2
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        replies = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model="relay",
+                    messages=[{"role": "user", "content": q}],
+                    extra_headers={"X-Relay-Conversation": "shared"},
+                )
+                for q in questions
+            )
+        )
+        await client.close()
+        calls = [r.usage.model_extra["relay"]["teacher_calls"] for r in replies]
+        assert sum(calls) == 5
+        assert all(r.choices[0].message.content.startswith("So x =") for r in replies)
+        for _ in range(8):  # new connections: the scrapes land on either worker
+            metrics = httpx2.get(f"{url}/metrics").text
+            assert 'relay_requests_total{endpoint="chat.completions",stream="false"} 16.0' in metrics
+            assert "relay_teacher_calls_total 5.0" in metrics
+            assert "relay_declined_calls_total 11.0" in metrics
+            assert "relay_requests_in_flight 0.0" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr and "2 workers" in stderr, stderr
+    assert list(tmp.iterdir()) == []  # the metrics directory is removed

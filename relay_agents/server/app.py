@@ -296,6 +296,7 @@ def _relay_keys(conversation: str | None, pool: str | None) -> dict[str, str]:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """On shutdown the budget stores are closed (SQLite checkpoints its write-ahead log)."""
     yield
+    app.state.relay.metrics.close()
     close_budget_stores()
 
 

@@ -2,9 +2,14 @@
 
 Each app gets its own registry, so several apps (tests, one process serving two configs)
 never share or collide on counters. Label sets are small and fixed: no per-user labels.
+Under ``serve --workers N`` prometheus-client runs in multiprocess mode (its directory
+variable is set before the workers start): every worker writes its values to files there,
+and ``/metrics`` sums them over all workers.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from relay_agents.api import RelayResult
@@ -28,6 +34,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -68,7 +75,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("relay_requests_in_flight", "Generation requests being answered.", registry=r)
+        self.in_flight = Gauge(
+            "relay_requests_in_flight",
+            "Generation requests being answered.",
+            registry=r,
+            multiprocess_mode="livesum",  # summed over the workers alive
+        )
         for endpoint in ENDPOINTS:  # every series exists from the start (rate() needs a zero)
             for stream in ("true", "false"):
                 self.requests.labels(endpoint, stream)
@@ -88,4 +100,13 @@ class Metrics:
             self.declined_calls.inc(declined)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """A worker that stops takes its requests in flight out of the sum."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())

@@ -42,6 +42,12 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, ge=1, description="Largest request body accepted.")
     max_messages: int = Field(default=256, ge=1)
     log_level: str = "info"
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Server processes on one port: one process answers on one core.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
