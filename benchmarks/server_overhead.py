@@ -12,7 +12,7 @@ the same concurrency. The difference is what the server and the relay add per re
 Workloads: ``single`` (the student answers without a call: one upstream request) and
 ``relayed`` (student, one teacher call, student: three upstream requests).
 
-    python benchmarks/server_overhead.py [--latency-ms 100] [--requests 200] [--rounds 5]
+    python benchmarks/server_overhead.py [--latency-ms 100] [--requests 200] [--workers 1]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def free_port() -> int:
 class RelayServerProcess:
     """``relay-agents serve`` in a subprocess, configured by a TOML file."""
 
-    def __init__(self, upstream: ScriptedServer, workdir: Path) -> None:
+    def __init__(self, upstream: ScriptedServer, workdir: Path, workers: int = 1) -> None:
         template = json.dumps(CHATML)
         self.config = workdir / "relay.toml"
         self.config.write_text(
@@ -87,6 +87,8 @@ class RelayServerProcess:
             str(self.config),
             "--log-level",
             "warning",
+            "--workers",
+            str(workers),
         ]
         self.proc = subprocess.Popen(args, env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -101,9 +103,16 @@ class RelayServerProcess:
             time.sleep(0.1)
 
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used (Linux ``/proc``)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the server's processes (with ``--workers``, its workers too) have used."""
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat.parent.name == str(self.proc.pid) or fields[1] == str(self.proc.pid):
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -121,7 +130,10 @@ class SSEClient:
     """POSTs a streaming request and reads its server-sent events to the end."""
 
     def __init__(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
+        # No pool limit (aiohttp's default of 100 would queue half of 200 streams here), and
+        # idle connections dropped before uvicorn's 5 s keep-alive closes them under a request.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300))
 
     async def stream(self, url: str, body: dict) -> None:
         async with self.session.post(url, json=body) as response:
@@ -221,10 +233,10 @@ async def measure(
     }
 
 
-async def main(latency_ms: float, requests: int, concurrency: int) -> dict:
+async def main(latency_ms: float, requests: int, concurrency: int, workers: int) -> dict:
     rows = []
     with ScriptedServer() as upstream, tempfile.TemporaryDirectory() as tmp:
-        server = RelayServerProcess(upstream, Path(tmp))
+        server = RelayServerProcess(upstream, Path(tmp), workers)
         try:
             client = SSEClient()
             config = RelayConfig(
@@ -255,13 +267,15 @@ async def main(latency_ms: float, requests: int, concurrency: int) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
         "latency_ms": latency_ms,
+        "workers": workers,
         "rows": rows,
     }
 
 
 def table(r: dict) -> str:
     lines = [
-        f"Measured {r['date']} on {r['machine']}; upstream time to first token {r['latency_ms']:.0f} ms.",
+        f"Measured {r['date']} on {r['machine']}; upstream time to first token {r['latency_ms']:.0f} ms; "
+        f"{r['workers']} server process(es).",
         "",
         "| workload (upstream requests) | concurrent streams | added through the server, p50 / p99 "
         "| per upstream request, p50 | `astream_relay` in-process, added p50 / p99 "
@@ -284,7 +298,8 @@ if __name__ == "__main__":
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--requests", type=int, default=200, help="measured requests per row")
     parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1, help="relay-agents serve --workers")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    result = asyncio.run(main(args.latency_ms, args.requests, args.concurrency))
+    result = asyncio.run(main(args.latency_ms, args.requests, args.concurrency, args.workers))
     print(json.dumps(result, indent=2) if args.json else table(result))

@@ -198,17 +198,18 @@ class RelayNodes:
         """The answer in progress, or a new one when this run starts: an answer belongs to the
         message it replies to, so a thread's next question (or a run retried after a failure
         with a new question) never continues an old answer, while a resumed run does."""
-        question = state["messages"][-1]
+        messages = state["messages"]
+        question_id = messages[-1].id if messages else None
         answer = state.get("answer")
         ledger = state.get("ledger") or new_ledger()
-        if answer is not None and answer.get("question_id") == question.id:
+        if answer is not None and answer.get("question_id") == question_id:
             return answer, ledger
-        messages = protocol_messages(
-            to_openai_messages(state["messages"]),
+        prompt = protocol_messages(
+            to_openai_messages(messages),
             user_template=self.config.user_template,
             system_prompt=self.config.system_prompt,
         )
-        return start_answer(messages, self.config, question.id), ledger
+        return start_answer(prompt, self.config, question_id), ledger
 
     # student -------------------------------------------------------------------------
 
