@@ -341,9 +341,9 @@ class RelayNodes:
             if reservation is not None:
                 self.budget_store.settle(reservation["id"], reservation["keys"], self._charged(gen))
         answer, ledger = self._after_teacher(state, call, gen, error)
-        if route(answer) != "finish":
-            return {"answer": answer, "ledger": ledger}
-        return self._update(answer, ledger, self._spent(self._scopes()))
+        return self._update(
+            answer, ledger, self._spent(self._scopes()) if route(answer) == "finish" else None
+        )
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
         context = _context()
@@ -365,9 +365,8 @@ class RelayNodes:
                     self.budget_store.asettle(reservation["id"], reservation["keys"], self._charged(gen))
                 )
         answer, ledger = self._after_teacher(state, call, gen, error)
-        if route(answer) != "finish":
-            return {"answer": answer, "ledger": ledger}
-        return self._update(answer, ledger, await self._aspent(self._scopes()))
+        spent = await self._aspent(self._scopes()) if route(answer) == "finish" else None
+        return self._update(answer, ledger, spent)
 
     # the end of the answer ------------------------------------------------------------
 
@@ -455,7 +454,7 @@ def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
 
 
 def recursion_limit(config: RelayConfig) -> int:
-    """Steps one answer may take: a student/teacher pair per turn, and a spare."""
+    """Steps one answer may take: a student/teacher pair per turn, and two to spare."""
     return 2 * config.max_student_turns + 2
 
 

@@ -24,6 +24,8 @@ from prometheus_client import (
 from relay_agents.api import RelayResult
 
 ENDPOINTS = ("chat.completions", "completions")
+#: prometheus-client's switch to multiprocess mode, read when a process first imports it.
+METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 #: Relayed answers take from milliseconds (a cached student reply) to minutes (long answers).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -34,7 +36,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = bool(os.environ.get(METRICS_DIR_VAR))
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

@@ -22,12 +22,11 @@ from fastapi import FastAPI
 
 from relay_agents.config import load_config
 from relay_agents.server.app import create_app
+from relay_agents.server.metrics import METRICS_DIR_VAR
 from relay_agents.server.settings import ServerSettings
 
 #: Where the parent leaves the worker's arguments (the config file and the CLI flags).
 WORKER_SPEC_VAR = "RELAY_AGENTS_WORKER_SPEC"
-#: prometheus-client's switch to multiprocess mode: read when a worker first imports it.
-METRICS_DIR_VAR = "PROMETHEUS_MULTIPROC_DIR"
 #: ``uvicorn.run`` target of every worker (``factory=True``).
 WORKER_APP = "relay_agents.server.workers:worker_app"
 
