@@ -41,6 +41,17 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 30.0) -
     raise AssertionError("serve did not become healthy")
 
 
+def start_serve(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``relay-agents serve`` on ``port`` as a user starts it."""
+    return subprocess.Popen(
+        [CLI, "serve", "--port", str(port), "--log-level", "warning", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_serve_answers_openai_clients_and_stops_on_sigterm(scripted: ScriptedServer, tmp_path: Path) -> None:
     script(scripted, "Q-serve")
     port = free_port()
@@ -51,13 +62,7 @@ def test_serve_answers_openai_clients_and_stops_on_sigterm(scripted: ScriptedSer
         RELAY_SERVER_MODEL="relay-tiny",
         RELAY_AGENTS_STATE=str(tmp_path / "state"),
     )
-    proc = subprocess.Popen(
-        [CLI, "serve", "--port", str(port), "--config", env["RELAY_CONFIG"], "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_serve(port, env, "--config", env["RELAY_CONFIG"])
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
@@ -77,11 +82,20 @@ def test_serve_answers_openai_clients_and_stops_on_sigterm(scripted: ScriptedSer
     assert "serving model 'relay-tiny' on http://127.0.0.1:" in stderr and "1 API keys" in stderr
 
 
-def test_serve_with_bad_settings_names_the_variable(scripted: ScriptedServer, tmp_path: Path) -> None:
-    env = relay_env(scripted, tmp_path, RELAY_SERVER_PORT="eighty")
+@pytest.mark.parametrize(("variable", "value"), [("PORT", "eighty"), ("WORKERS", "0")])
+def test_serve_with_bad_settings_names_the_variable(
+    scripted: ScriptedServer, tmp_path: Path, variable: str, value: str
+) -> None:
+    env = relay_env(scripted, tmp_path, **{f"RELAY_SERVER_{variable}": value})
     out = run([CLI, "serve"], env)
     assert out.returncode == 2
-    assert "port (RELAY_SERVER_PORT)" in out.stderr
+    assert f"{variable.lower()} (RELAY_SERVER_{variable})" in out.stderr
+
+
+def test_serve_with_a_bad_workers_flag_names_it(scripted: ScriptedServer, tmp_path: Path) -> None:
+    out = run([CLI, "serve", "--workers", "-3"], relay_env(scripted, tmp_path))
+    assert out.returncode == 2
+    assert "workers (argument): Input should be greater than" in out.stderr
 
 
 def test_serve_with_a_bad_relay_config_names_the_field(tmp_path: Path) -> None:
@@ -114,13 +128,7 @@ def test_server_settings_come_from_the_config_files_server_table(tmp_path: Path)
 def test_serve_stops_quietly_on_ctrl_c(scripted: ScriptedServer, tmp_path: Path) -> None:
     port = free_port()
     env = relay_env(scripted, tmp_path, RELAY_AGENTS_STATE=str(tmp_path / "state"))
-    proc = subprocess.Popen(
-        [CLI, "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_serve(port, env)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
     finally:
@@ -160,13 +168,7 @@ async def test_serve_with_workers_shares_budgets_and_metrics(
         RELAY_AGENTS_STATE=str(tmp_path / "state"),
         TMPDIR=str(tmp),
     )
-    proc = subprocess.Popen(
-        [CLI, "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_serve(port, env, "--workers", "2")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
