@@ -15,8 +15,7 @@ from relay_agents.api import (
 )
 from relay_agents.chat_model import ChatRelay
 from relay_agents.config import Budget, ConfigError, Endpoint, RelayConfig, load_config
-from relay_agents.graph import build_relay_graph
-from relay_agents.policies import (
+from relay_agents.core.policies import (
     CommandPolicy,
     ConfidencePolicy,
     IntervalPolicy,
@@ -24,6 +23,7 @@ from relay_agents.policies import (
     TeacherFreePolicy,
     TeacherOnlyPolicy,
 )
+from relay_agents.graph import build_relay_graph
 
 __all__ = [
     "Budget",

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from relay_agents.config import RelayConfig
-from relay_agents.policies import ConfidencePolicy, Policy
+from relay_agents.core.policies import ConfidencePolicy, Policy
 
 #: The default threshold grid (probabilities of the sampled token).
 DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -50,7 +50,7 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from relay_agents.config import Endpoint, RelayConfig
-from relay_agents.graph import RelayContext, drain_deltas, shared_relay_graph
+from relay_agents.graph import RelayContext, conversation_id, drain_deltas, shared_relay_graph
 
 __all__ = ["ChatRelay"]
 
@@ -234,10 +234,9 @@ class ChatRelay(BaseChatModel):
     @staticmethod
     def _conversation(kwargs: dict[str, Any], run_manager: Any) -> str | None:
         """``conversation_id=`` of this call, else the LangGraph thread the model runs in."""
-        if kwargs.get("conversation_id") is not None:
-            return str(kwargs["conversation_id"])
-        thread = (getattr(run_manager, "metadata", None) or {}).get("thread_id")
-        return None if thread is None else str(thread)
+        return conversation_id(
+            kwargs.get("conversation_id"), {"metadata": getattr(run_manager, "metadata", None)}
+        )
 
     def _context(self, kwargs: dict[str, Any], run_manager: Any, stream_tokens: bool) -> RelayContext:
         user = kwargs.get("user")

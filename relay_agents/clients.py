@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -27,9 +26,9 @@ from tenacity import (
 )
 
 from relay_agents.config import Endpoint, identity
-from relay_agents.policies import TokenLogprob
-from relay_agents.prompts import ChatTemplate, Message, instruct_messages
-from relay_agents.protocol import CALL_CLOSE, CALL_OPEN
+from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
+from relay_agents.core.types import Generation, Request, TokenLogprob
+from relay_agents.prompts import ChatTemplate, instruct_messages
 from relay_agents.transport import AsyncTransport
 
 OnText = Callable[[str], None]
@@ -53,37 +52,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return False
-
-
-@dataclass(slots=True)
-class Generation:
-    """What one streamed request produced."""
-
-    text: str
-    finish_reason: str | None
-    stop_reason: str | int | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: Exception | None = None  # the stream broke after its first chunk
-    cut: bool = False  # a watch cut the reply before a token (``text`` ends just before it)
-    discarded_tokens: int = 0  # tokens generated after the cut (paid for, not in ``text``)
-
-    @property
-    def hit_stop_string(self) -> bool:
-        return self.finish_reason == "stop" and isinstance(self.stop_reason, str)
-
-
-@dataclass(slots=True)
-class Request:
-    """A continuation request, independent of the API used to send it."""
-
-    messages: list[Message]
-    answer: str
-    max_tokens: int
-    stop: list[str] | None = None
-    suppress_calls: bool = False
-    enable_thinking: bool = False
-    logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
 
 
 class StreamError(ValueError):

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from relay_agents.policies import POLICY_KINDS, CommandPolicy, PolicySpec, normalise_policy_input
+from relay_agents.core.policies import POLICY_KINDS, CommandPolicy, PolicySpec, normalise_policy_input
 
 DEFAULT_USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_INSTRUCT_TEMPLATE = (
@@ -142,7 +142,7 @@ class RelayConfig(_Strict):
     )
     policy: PolicySpec = Field(
         default_factory=CommandPolicy,
-        description="Who decides where the teacher writes (relay_agents.policies): `command` (the "
+        description="Who decides where the teacher writes (relay_agents.core.policies): `command` (the "
         "student's <call>N</call>), `confidence`, `interval`, `random`, `teacher_free`, "
         "`teacher_only`; a string is the policy of that kind with its defaults.",
     )

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AIMessage, AnyMessage
-from langgraph._internal._runnable import RunnableCallable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -26,7 +26,18 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import get_runtime
 from langgraph.types import Checkpointer
 
-from relay_agents.answer import (
+from relay_agents.budgets import (
+    BudgetExceeded,
+    BudgetStore,
+    Reservation,
+    Scope,
+    conversation_key,
+    open_budget_store,
+    user_key,
+)
+from relay_agents.clients import STREAM_ERRORS, EndpointClient, client_for
+from relay_agents.config import RelayConfig, identity
+from relay_agents.core.answer import (
     AnswerState,
     Delta,
     Ledger,
@@ -47,21 +58,11 @@ from relay_agents.answer import (
     student_request,
     teacher_request,
 )
-from relay_agents.budgets.limits import ScopeKind, Spend, has_limits
-from relay_agents.budgets.store import (
-    BudgetExceeded,
-    BudgetStore,
-    Reservation,
-    Scope,
-    conversation_key,
-    open_budget_store,
-    user_key,
-)
-from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
-from relay_agents.config import RelayConfig, identity
-from relay_agents.policies import TurnPlan
+from relay_agents.core.grants import ScopeKind, Spend, has_limits
+from relay_agents.core.policies import TurnPlan
+from relay_agents.core.protocol import CleanTextFilter
+from relay_agents.core.types import Generation
 from relay_agents.prompts import protocol_messages, to_openai_messages
-from relay_agents.protocol import CleanTextFilter
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,16 @@ async def drain_deltas(run: asyncio.Future[Any], deltas: asyncio.Queue[Any]) -> 
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await run
+
+
+def conversation_id(explicit: object | None, run: Mapping[str, Any] | None = None) -> str | None:
+    """Whose conversation budget a run spends: ``explicit`` (``conversation_id=``), else the
+    LangGraph thread the run belongs to (its config's ``thread_id``, or a callback's metadata)."""
+    if explicit is not None:
+        return str(explicit)
+    run = run or {}
+    thread = (run.get("configurable") or {}).get("thread_id") or (run.get("metadata") or {}).get("thread_id")
+    return None if thread is None else str(thread)
 
 
 def _context() -> RelayContext:
@@ -187,7 +198,7 @@ class RelayNodes:
         context = _context()
         config = self.config
         scopes: list[Scope] = []
-        conversation = context.conversation_id or get_config().get("configurable", {}).get("thread_id")
+        conversation = conversation_id(context.conversation_id, get_config())
         if conversation and has_limits(config.budget):
             scopes.append(Scope("conversation", conversation_key(conversation), config.budget))
         if context.user and has_limits(config.user_budget):
@@ -433,14 +444,26 @@ def _route(state: RelayState) -> str:
     return route(state["answer"])
 
 
-def _both(func: Callable[..., Any], name: str, *, trace: bool = True) -> RunnableCallable:
-    """A node or edge with a sync and an async body: in async runs LangGraph would hand a
-    sync-only function to a thread pool, which costs more than the function itself."""
+class _Step(Runnable[Any, Any]):
+    """A node or edge with a sync and an async body.
 
-    async def afunc(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
+    LangGraph's task already traces each node and sets the run's context, so this calls the
+    body directly: a plain function would go to a thread pool in async runs, and a
+    ``RunnableLambda`` inspects its function's signature and opens a child trace on every call.
+    """
 
-    return RunnableCallable(func, afunc, name=name, trace=trace)
+    def __init__(
+        self, name: str, func: Callable[[Any], Any], afunc: Callable[[Any], Awaitable[Any]] | None = None
+    ) -> None:
+        self.name = name
+        self.func = func
+        self.afunc = afunc
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self.func(input)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self.afunc(input) if self.afunc is not None else self.func(input)
 
 
 @lru_cache(maxsize=64)
@@ -478,12 +501,10 @@ def build_relay_graph(
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
-    # A sync and an async body per node, as LangGraph's prebuilt graphs do (RunnableCallable
-    # checks signatures once; RunnableLambda does it on every call).
-    builder.add_node("student", RunnableCallable(nodes.student, nodes.astudent, name="student"))
-    builder.add_node("teacher", RunnableCallable(nodes.teacher, nodes.ateacher, name="teacher"))
+    builder.add_node("student", _Step("student", nodes.student, nodes.astudent))
+    builder.add_node("teacher", _Step("teacher", nodes.teacher, nodes.ateacher))
     builder.add_edge(START, "student")
-    route_next = _both(_route, "route", trace=False)
+    route_next = _Step("route", _route)
     ends = {"student": "student", "finish": END}
     builder.add_conditional_edges("student", route_next, {**ends, "teacher": "teacher"})
     builder.add_conditional_edges("teacher", route_next, ends)

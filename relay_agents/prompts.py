@@ -13,7 +13,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 
-Message = dict[str, Any]
+from relay_agents.core.types import Message
 
 
 def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[Message]:

@@ -19,7 +19,8 @@ from relay_agents import (
 )
 from relay_agents.clients import _Collector, parse_logprobs
 from relay_agents.config import ConfigError, identity
-from relay_agents.policies import AnswerSoFar, TokenLogprob, plan_turn, share_gate, top_entropy
+from relay_agents.core.policies import AnswerSoFar, plan_turn, share_gate, top_entropy
+from relay_agents.core.types import TokenLogprob
 
 ENDPOINTS = {
     "student": {"base_url": "http://127.0.0.1:1/v1", "model": "s"},

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay_agents.answer import (
+from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.answer import (
     finish_student_turn,
     finish_teacher_call,
     new_ledger,
@@ -17,16 +18,15 @@ from relay_agents.answer import (
     student_request,
     teacher_request,
 )
-from relay_agents.clients import Generation
-from relay_agents.config import Budget, RelayConfig
-from relay_agents.protocol import (
+from relay_agents.core.grants import Blocked, BudgetLimit, CallQuote, Limit, Spend, TokenCap, grant
+from relay_agents.core.protocol import (
     CleanTextFilter,
     call_ratio,
     clean_student_text,
-    grant_call,
     parse_call,
     teacher_view,
 )
+from relay_agents.core.types import Generation
 
 # --------------------------------------------------------------------------- parsing
 
@@ -120,22 +120,40 @@ def test_filter_holds_what_might_become_markup() -> None:
 
 
 def test_grant_cuts_to_the_tightest_limit() -> None:
-    kw = {
-        "max_call_tokens": 50,
-        "answer_tokens_left": 100,
-        "budget_tokens_left": 30,
-        "budget_calls_left": 2,
-        "budget_cost_tokens_left": None,
-        "calls_suppressed": False,
-    }
-    assert grant_call(10, **kw).granted == 10
-    grant = grant_call(80, **kw)
-    assert (grant.granted, grant.limited_by, grant.declined) == (30, "budget_tokens", None)
-    assert grant_call(80, **{**kw, "budget_tokens_left": 0}).declined == "budget_tokens"
-    assert grant_call(5, **{**kw, "budget_calls_left": 0}).declined == "budget_calls"
-    assert grant_call(5, **{**kw, "budget_cost_tokens_left": 0}).declined == "budget_cost"
-    assert grant_call(5, **{**kw, "calls_suppressed": True}).declined == "calls_suppressed"
-    assert grant_call(500, **{**kw, "budget_tokens_left": None}).granted == 50
+    def limits(
+        *, tokens: int | None = 30, calls: int = 2, cost: float | None = None, suppressed: bool = False
+    ) -> list[Limit]:
+        budget = Budget(max_teacher_tokens=tokens, max_teacher_calls=calls, max_cost_usd=cost)
+        gates: list[Limit] = [Blocked("calls_suppressed")] if suppressed else []
+        return [
+            *gates,
+            TokenCap("max_call_tokens", 50),
+            TokenCap("answer_tokens", 100),
+            BudgetLimit("conversation", budget, Spend()),
+        ]
+
+    def quote(tokens: int) -> CallQuote:
+        return CallQuote(tokens, output_price_usd=0.001)
+
+    assert grant(quote(10), limits()).granted == 10
+    cut = grant(quote(80), limits())
+    assert (cut.granted, cut.limited_by, cut.declined, cut.scope) == (
+        30,
+        "budget_tokens",
+        None,
+        "conversation",
+    )
+    assert grant(quote(80), limits(tokens=0)).declined == "budget_tokens"
+    assert grant(quote(5), limits(calls=0)).declined == "budget_calls"
+    assert grant(quote(5), limits(cost=0.0)).declined == "budget_cost"
+    assert grant(quote(5), limits(suppressed=True)).declined == "calls_suppressed"
+    assert grant(quote(500), limits(tokens=None)).granted == 50
+    # a cost limit becomes output tokens, rounded down: 0.0035 USD at 0.001 a token pays for 3
+    by_cost = grant(quote(10), limits(tokens=None, cost=0.0035))
+    assert (by_cost.granted, by_cost.limited_by) == (3, "budget_cost")
+    # a call cap is reported as such, the answer's scope is None
+    capped = grant(quote(60), limits(tokens=None))
+    assert (capped.granted, capped.limited_by, capped.scope) == (50, "max_call_tokens", None)
 
 
 def test_call_ratio() -> None:

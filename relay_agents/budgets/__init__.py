@@ -1,18 +1,16 @@
 """Teacher budgets outside the graph's state: per conversation, per turn and per user pool."""
 
-from relay_agents.budgets.limits import CallQuote, Spend
-from relay_agents.budgets.sqlite import SQLiteBudgetStore
-from relay_agents.budgets.store import (
+from relay_agents.budgets.base import (
     BudgetExceeded,
     BudgetStore,
     Reservation,
     Scope,
-    close_budget_stores,
     conversation_key,
-    default_store_path,
-    open_budget_store,
     user_key,
 )
+from relay_agents.budgets.sqlite import SQLiteBudgetStore
+from relay_agents.budgets.store import close_budget_stores, default_store_path, open_budget_store
+from relay_agents.core.grants import CallQuote, Spend
 
 __all__ = [
     "BudgetExceeded",

@@ -11,8 +11,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from relay_agents.budgets.limits import CallQuote, ScopedGrant, Spend
-from relay_agents.budgets.store import BudgetStore, Scope
+from relay_agents.budgets.base import BudgetStore, Scope
+from relay_agents.core.grants import CallQuote, Grant, Spend
 
 try:
     from psycopg_pool import ConnectionPool
@@ -66,7 +66,7 @@ class PostgresBudgetStore(BudgetStore):
                     self._opened = True
         return self._pool
 
-    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> ScopedGrant:
+    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> Grant:
         keys = sorted({s.key for s in scopes})
         now = time.time()
         with self.pool.connection() as conn, conn.transaction():

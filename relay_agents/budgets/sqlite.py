@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from relay_agents.budgets.limits import CallQuote, ScopedGrant, Spend
-from relay_agents.budgets.store import BudgetStore, Scope
+from relay_agents.budgets.base import BudgetStore, Scope
+from relay_agents.core.grants import CallQuote, Grant, Spend
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relay_budget_spend (
@@ -96,7 +96,7 @@ class SQLiteBudgetStore(BudgetStore):
                 used[scope] = used[scope] + Spend(tokens, calls, cost)
         return used
 
-    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> ScopedGrant:
+    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> Grant:
         keys = [s.key for s in scopes]
         now = time.time()
         with self._transaction() as conn:

@@ -21,9 +21,9 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 
-from relay_agents.budgets.limits import has_limits
 from relay_agents.config import Budget, RelayConfig
-from relay_agents.graph import RelayContext, build_relay_graph
+from relay_agents.core.grants import has_limits
+from relay_agents.graph import RelayContext, build_relay_graph, conversation_id
 
 TUTOR_SYSTEM_PROMPT = (
     "You are a patient maths tutor. Explain the solution step by step, one short step per "
@@ -89,9 +89,8 @@ def build_tutor_graph(
     relay = build_relay_graph(tutor_relay_config(config, system_prompt), checkpointer=False)
 
     def relay_inputs(state: TutorState, run: RunnableConfig) -> tuple[dict[str, Any], RelayContext]:
-        thread = (run.get("configurable") or {}).get("thread_id")
         inputs = {"messages": recent_messages(state["messages"], history_messages)}
-        return inputs, RelayContext(conversation_id=None if thread is None else str(thread))
+        return inputs, RelayContext(conversation_id=conversation_id(None, run))
 
     def tutor(state: TutorState, config: RunnableConfig) -> dict[str, Any]:
         inputs, context = relay_inputs(state, config)

@@ -25,8 +25,13 @@ import openai
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from relay_agents.budgets import BudgetExceeded, BudgetStore, conversation_key, open_budget_store
-from relay_agents.budgets.store import default_store_path
+from relay_agents.budgets import (
+    BudgetExceeded,
+    BudgetStore,
+    conversation_key,
+    default_store_path,
+    open_budget_store,
+)
 from relay_agents.config import RelayConfig
 from relay_agents.tutor.graph import (
     DEFAULT_HISTORY_MESSAGES,

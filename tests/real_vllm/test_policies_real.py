@@ -17,7 +17,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from relay_agents import ConfidencePolicy, Endpoint, RelayConfig, RelayResult, arelay, astream_relay
-from relay_agents.clients import EndpointClient, Generation, Request
+from relay_agents.clients import EndpointClient
+from relay_agents.core.types import Generation, Request
 from relay_agents.prompts import protocol_messages
 from relay_agents.tiny import tasks
 from tests.real_vllm.smollm2.conftest import smollm2_model_dir, smollm2_server  # noqa: F401 (fixtures)

@@ -1,6 +1,6 @@
 """The relay protocol as pure code: parse, strip, clean, splice and limit. No I/O.
 
-Two views of one answer exist at all times (RELAY.md, "The protocol, exactly"):
+Two views of one answer exist at all times (as in the RelayLLM paper's evaluation loop):
 
 * the **student view** keeps the student's own ``<call>N</call>`` commands and the
   teacher's text, byte for byte, so every resume re-sends the same prefix (vLLM's
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 CALL_OPEN = "<call>"
 CALL_CLOSE = "</call>"
@@ -155,63 +154,7 @@ def clean_student_text(raw: str, *, answered_call: bool, answer_started: bool) -
     return flt.feed(raw) + flt.finish(answered_call=answered_call)
 
 
-# --------------------------------------------------------------------------- limits
-
-DeclineReason = Literal[
-    "calls_suppressed",
-    "budget_tokens",
-    "budget_calls",
-    "budget_cost",
-    "answer_tokens",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class CallGrant:
-    """How many tokens the teacher may write for one call, or why it may write none."""
-
-    requested: int
-    granted: int
-    limited_by: str | None = None
-    declined: DeclineReason | None = None
-
-
-def grant_call(
-    requested: int,
-    *,
-    max_call_tokens: int | None,
-    answer_tokens_left: int,
-    budget_tokens_left: int | None,
-    budget_calls_left: int | None,
-    budget_cost_tokens_left: int | None,
-    calls_suppressed: bool,
-) -> CallGrant:
-    """Cut a request for N teacher tokens to every limit that applies (RELAY.md step 4).
-
-    A request larger than what remains is cut to what remains; when nothing remains the
-    call is declined and the reason says which limit was spent.
-    """
-    if calls_suppressed:
-        return CallGrant(requested, 0, declined="calls_suppressed")
-    if budget_calls_left is not None and budget_calls_left <= 0:
-        return CallGrant(requested, 0, declined="budget_calls")
-    limits: list[tuple[str, int | None]] = [
-        ("max_call_tokens", max_call_tokens),
-        ("answer_tokens", answer_tokens_left),
-        ("budget_tokens", budget_tokens_left),
-        ("budget_cost", budget_cost_tokens_left),
-    ]
-    granted, limited_by = requested, None
-    for name, limit in limits:
-        if limit is not None and limit < granted:
-            granted, limited_by = max(limit, 0), name
-    if granted <= 0:
-        reason: DeclineReason = limited_by if limited_by != "max_call_tokens" else "answer_tokens"  # type: ignore[assignment]
-        return CallGrant(requested, 0, limited_by=limited_by, declined=reason)
-    return CallGrant(requested, granted, limited_by=limited_by)
-
-
 def call_ratio(student_tokens: int, teacher_tokens: int) -> float:
-    """Teacher tokens over all answer tokens (RELAY.md step 7)."""
+    """Teacher tokens over all answer tokens (the call ratio the RelayLLM paper reports)."""
     total = student_tokens + teacher_tokens
     return teacher_tokens / total if total else 0.0

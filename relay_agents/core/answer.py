@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-from relay_agents.budgets.limits import (
+from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.grants import (
+    Blocked,
+    BudgetLimit,
     CallQuote,
-    ScopedGrant,
+    Grant,
+    Limit,
     ScopeKind,
     Spend,
+    TokenCap,
     exhausted,
-    grant_across,
+    grant,
     has_limits,
     remaining,
 )
-from relay_agents.clients import Generation, Request
-from relay_agents.config import Budget, RelayConfig
-from relay_agents.policies import (
+from relay_agents.core.policies import (
     AnswerSoFar,
     TeacherFreePolicy,
     TurnPlan,
@@ -28,15 +31,14 @@ from relay_agents.policies import (
     plan_turn,
     teacher_stop,
 )
-from relay_agents.prompts import Message
-from relay_agents.protocol import (
+from relay_agents.core.protocol import (
     CALL_CLOSE,
     CleanTextFilter,
     call_ratio,
-    grant_call,
     parse_call,
     teacher_view,
 )
+from relay_agents.core.types import Generation, Message, Request
 
 Source = Literal["student", "teacher"]
 Route = Literal["student", "teacher", "finish"]
@@ -160,7 +162,7 @@ def _calls_open(answer: AnswerState, config: RelayConfig) -> bool:
 
 
 def student_plan(answer: AnswerState, config: RelayConfig) -> TurnPlan:
-    """What the policy lets the next student turn do (see :func:`relay_agents.policies.plan_turn`)."""
+    """What the policy lets the next student turn do (see :func:`relay_agents.core.policies.plan_turn`)."""
     so_far = AnswerSoFar(
         student_tokens=answer["student_tokens"],
         teacher_tokens=answer["teacher_tokens"],
@@ -323,34 +325,29 @@ def finish_student_turn(
     return a, deltas
 
 
-def _grant(a: AnswerState, ledger: Ledger | None, config: RelayConfig, requested: int) -> ScopedGrant:
+def _grant(a: AnswerState, ledger: Ledger | None, config: RelayConfig, requested: int) -> Grant:
     """Cut a call to the answer's own limits, the turn budget and (without a store) the thread's."""
-    base = grant_call(
-        requested,
-        max_call_tokens=config.max_call_tokens,
-        answer_tokens_left=answer_tokens_left(a, config),
-        budget_tokens_left=None,
-        budget_calls_left=None,
-        budget_cost_tokens_left=None,
-        calls_suppressed=a["calls_suppressed"],
-    )
-    if base.declined:
-        return ScopedGrant(requested, 0, base.limited_by, base.declined)
+    return grant(call_quote(a, config, requested), call_limits(a, ledger, config))
+
+
+def call_limits(a: AnswerState, ledger: Ledger | None, config: RelayConfig) -> list[Limit]:
+    """Every limit the answer itself puts on its next call, in the order they are checked."""
+    limits: list[Limit] = []
+    if a["calls_suppressed"]:
+        limits.append(Blocked("calls_suppressed"))
+    limits.append(TokenCap("max_call_tokens", config.max_call_tokens))
+    limits.append(TokenCap("answer_tokens", answer_tokens_left(a, config)))
     target = config.target_teacher_share
     if target is not None and call_ratio(a["student_tokens"], a["teacher_tokens"]) >= target:
-        return ScopedGrant(requested, 0, None, "target_share")
+        limits.append(Blocked("target_share"))
     since = a.get("since_call")
     if since is not None and since < config.min_tokens_between_calls:
-        return ScopedGrant(requested, 0, None, "min_gap")
-    budgets: list[tuple[ScopeKind, Budget, Spend]] = [
-        ("turn", config.turn_budget, Spend(a["teacher_tokens"], a["teacher_calls"], a["teacher_cost_usd"]))
-    ]
+        limits.append(Blocked("min_gap"))
+    turn = Spend(a["teacher_tokens"], a["teacher_calls"], a["teacher_cost_usd"])
+    limits.append(BudgetLimit("turn", config.turn_budget, turn))
     if ledger is not None:
-        budgets.append(("conversation", config.budget, ledger_spend(ledger)))
-    scoped = grant_across(call_quote(a, config, base.granted), budgets)
-    if scoped.declined or scoped.granted < base.granted:
-        return ScopedGrant(requested, scoped.granted, scoped.limited_by, scoped.declined, scoped.scope)
-    return ScopedGrant(requested, base.granted, base.limited_by)
+        limits.append(BudgetLimit("conversation", config.budget, ledger_spend(ledger)))
+    return limits
 
 
 def call_quote(a: AnswerState, config: RelayConfig, tokens: int) -> CallQuote:
@@ -391,7 +388,7 @@ _DECLINE_TEXT = {
 }
 
 
-def _decline_event(grant: ScopedGrant) -> EventDict:
+def _decline_event(grant: Grant) -> EventDict:
     assert grant.declined is not None
     why = _DECLINE_TEXT[grant.declined].format(scope=_SCOPE_TEXT[grant.scope])
     event: EventDict = {
@@ -406,7 +403,7 @@ def _decline_event(grant: ScopedGrant) -> EventDict:
     return event
 
 
-def _cut_event(grant: ScopedGrant) -> EventDict:
+def _cut_event(grant: Grant) -> EventDict:
     limit = grant.limited_by or ""
     if grant.scope is not None:
         limit = f"{grant.scope} {limit}"
@@ -431,7 +428,7 @@ def budget_declined(answer: AnswerState) -> EventDict | None:
 
 
 def apply_reservation(
-    answer: AnswerState, config: RelayConfig, grant: ScopedGrant, reservation: ReservationDict | None
+    answer: AnswerState, config: RelayConfig, grant: Grant, reservation: ReservationDict | None
 ) -> tuple[AnswerState, list[Delta]]:
     """Apply what a budget store granted to the pending call: hold, cut or decline it."""
     a: AnswerState = {**answer, "events": list(answer["events"]), "spans": list(answer["spans"])}

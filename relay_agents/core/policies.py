@@ -22,17 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from relay_agents.core.types import TokenLogprob
+
 Until = Literal["tokens", "step"]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """One generated token as the server reported it: its text, its log-probability and the
-    top-k alternatives (``(token, logprob)``), any of which may be missing."""
-
-    token: str
-    logprob: float | None
-    top: tuple[tuple[str, float], ...] = ()
 
 
 # --------------------------------------------------------------------------- policies

@@ -1,0 +1,50 @@
+"""The data every layer exchanges: messages, continuation requests and what they produced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: An OpenAI-style chat message (``{"role": ..., "content": ...}``).
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token as the server reported it: its text, its log-probability and the
+    top-k alternatives (``(token, logprob)``), any of which may be missing."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(slots=True)
+class Request:
+    """A continuation request, independent of the API used to send it."""
+
+    messages: list[Message]
+    answer: str
+    max_tokens: int
+    stop: list[str] | None = None
+    suppress_calls: bool = False
+    enable_thinking: bool = False
+    logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
+
+
+@dataclass(slots=True)
+class Generation:
+    """What one streamed request produced."""
+
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: Exception | None = None  # the stream broke after its first chunk
+    cut: bool = False  # a watch cut the reply before a token (``text`` ends just before it)
+    discarded_tokens: int = 0  # tokens generated after the cut (paid for, not in ``text``)
+
+    @property
+    def hit_stop_string(self) -> bool:
+        return self.finish_reason == "stop" and isinstance(self.stop_reason, str)
