@@ -7,96 +7,43 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from relay_agents.config import RelayConfig
+from relay_agents.core.result import BudgetState, RelayEvent, RelayRecord, RelayUsage, Source, Span
 from relay_agents.graph import RelayContext, build_relay_graph, drain_deltas, shared_relay_graph
 from relay_agents.prompts import Message
 
-
-class Span(BaseModel):
-    """A run of answer text written by one model."""
-
-    source: Literal["student", "teacher"]
-    text: str
-    tokens: int
-
-
-class RelayUsage(BaseModel):
-    student_tokens: int = 0
-    teacher_tokens: int = 0
-    teacher_calls: int = 0
-    student_discarded_tokens: int = 0
-    """Student tokens generated after a policy's cut: paid for, not in the answer."""
-    call_ratio: float = 0.0
-    cost_usd: float = 0.0
-    student_prompt_tokens: int = 0
-    teacher_prompt_tokens: int = 0
-    student_cost_usd: float = 0.0
-    teacher_cost_usd: float = 0.0
+__all__ = [
+    "BudgetState",
+    "RelayDelta",
+    "RelayEvent",
+    "RelayResult",
+    "RelayStream",
+    "RelayUsage",
+    "Span",
+    "arelay",
+    "astream_relay",
+    "relay",
+    "stream_relay",
+]
 
 
-class RelayEvent(BaseModel):
-    """A declined, cut, ignored or malformed call, or a teacher failure, in words."""
-
-    kind: str
-    message: str
-    requested: int | None = None
-    granted: int | None = None
-    reason: str | None = None
-    scope: Literal["turn", "conversation", "user"] | None = None
-    """The budget that declined or cut the call."""
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class BudgetState(BaseModel):
-    max_teacher_tokens: int | None = None
-    max_teacher_calls: int | None = None
-    max_cost_usd: float | None = None
-    spent_teacher_tokens: int = 0
-    spent_teacher_calls: int = 0
-    spent_cost_usd: float = 0.0
-    remaining_teacher_tokens: int | None = None
-    remaining_teacher_calls: int | None = None
-    remaining_cost_usd: float | None = None
-    exhausted: bool = False
-
-
-class RelayResult(BaseModel):
-    """One relayed answer."""
+class RelayResult(RelayRecord):
+    """One relayed answer: its text, the relay's account of it, and the reply message."""
 
     text: str
-    spans: list[Span]
-    usage: RelayUsage
-    finish_reason: str | None
-    finished_by: Literal["student", "teacher"] | None = None
-    events: list[RelayEvent] = Field(default_factory=list)
-    budget: BudgetState = Field(default_factory=BudgetState)
-    """The conversation's budget after this answer."""
-    user_budget: BudgetState | None = None
-    """The user's pooled budget after this answer, when the call named a ``user``."""
     message: AIMessage
 
     @classmethod
     def from_message(cls, message: AIMessage) -> RelayResult:
-        meta = message.response_metadata["relay"]
-        return cls(
-            text=message.text,
-            spans=meta["spans"],
-            usage=meta["usage"],
-            finish_reason=meta["finish_reason"],
-            finished_by=meta["finished_by"],
-            events=meta["events"],
-            budget=meta["budget"],
-            user_budget=meta.get("user_budget"),
-            message=message,
+        return cls.model_validate(
+            {**message.response_metadata["relay"], "text": message.text, "message": message}
         )
 
 
@@ -104,7 +51,7 @@ class RelayDelta(BaseModel):
     """A piece of streamed answer text and the model that wrote it."""
 
     text: str
-    source: Literal["student", "teacher"]
+    source: Source
 
 
 Question = str | Sequence[BaseMessage | Message]

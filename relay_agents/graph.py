@@ -49,7 +49,7 @@ from relay_agents.core.answer import (
     finish_teacher_call,
     held_student_text,
     new_ledger,
-    relay_metadata,
+    relay_record,
     route,
     skipped_student_turn,
     start_answer,
@@ -400,14 +400,14 @@ class RelayNodes:
         update: dict[str, Any] = {"answer": answer, "ledger": ledger}
         if store_spent is None:
             return update
-        meta = relay_metadata(answer, ledger, self.config, store_spent)
+        record = relay_record(answer, ledger, self.config, store_spent)
         input_tokens = answer["student_prompt_tokens"] + answer["teacher_prompt_tokens"]
         output_tokens = answer["student_tokens"] + answer["teacher_tokens"]
         update["messages"] = [
             AIMessage(
                 content="".join(span["text"] for span in answer["spans"]),
                 response_metadata={
-                    "relay": meta,
+                    "relay": record.model_dump(),
                     "model_name": self.config.student.model,
                     "finish_reason": answer["finish_reason"],
                 },

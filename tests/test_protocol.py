@@ -11,7 +11,7 @@ from relay_agents.core.answer import (
     finish_student_turn,
     finish_teacher_call,
     new_ledger,
-    relay_metadata,
+    relay_record,
     route,
     start_answer,
     student_filter,
@@ -215,10 +215,10 @@ def test_a_student_that_calls_twice() -> None:
         "teacher",
         "student",
     ]
-    meta = relay_metadata(a, ledger, config)
-    assert meta["usage"]["teacher_tokens"] == 5 and meta["usage"]["teacher_calls"] == 2
-    assert meta["usage"]["student_tokens"] == 18
-    assert meta["usage"]["call_ratio"] == pytest.approx(5 / 23)
+    usage = relay_record(a, ledger, config).usage
+    assert usage.teacher_tokens == 5 and usage.teacher_calls == 2
+    assert usage.student_tokens == 18
+    assert usage.call_ratio == pytest.approx(5 / 23)
     assert ledger == {"teacher_tokens": 5, "teacher_calls": 2, "teacher_cost_usd": 0.0}
 
 
@@ -278,7 +278,7 @@ def test_budget_cuts_then_declines_and_suppresses_calls() -> None:
     assert a["events"][-1]["kind"] == "declined_call" and a["events"][-1]["reason"] == "budget_tokens"
     assert a["calls_suppressed"] and student_request(a, config).suppress_calls
     assert "<call>3</call>" not in a["student_view"]
-    assert relay_metadata(a, ledger, config)["budget"]["exhausted"]
+    assert relay_record(a, ledger, config).budget.exhausted
 
 
 def test_cost_budget_pays_for_the_prompt_first() -> None:

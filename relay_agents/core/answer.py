@@ -6,9 +6,9 @@ plain data out (JSON-friendly dicts, so any LangGraph checkpointer can persist i
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
-from relay_agents.config import Budget, RelayConfig
+from relay_agents.config import RelayConfig
 from relay_agents.core.grants import (
     Blocked,
     BudgetLimit,
@@ -18,10 +18,8 @@ from relay_agents.core.grants import (
     ScopeKind,
     Spend,
     TokenCap,
-    exhausted,
     grant,
     has_limits,
-    remaining,
 )
 from relay_agents.core.policies import (
     AnswerSoFar,
@@ -38,9 +36,9 @@ from relay_agents.core.protocol import (
     parse_call,
     teacher_view,
 )
+from relay_agents.core.result import BudgetState, RelayEvent, RelayRecord, RelayUsage, Source, Span
 from relay_agents.core.types import Generation, Message, Request
 
-Source = Literal["student", "teacher"]
 Route = Literal["student", "teacher", "finish"]
 
 
@@ -587,55 +585,41 @@ def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def relay_metadata(
+def relay_record(
     answer: AnswerState,
     ledger: Ledger,
     config: RelayConfig,
     store_spent: dict[ScopeKind, Spend] | None = None,
-) -> dict[str, Any]:
-    """The ``response_metadata["relay"]`` record of one answer.
+) -> RelayRecord:
+    """The relay's account of one finished answer.
 
     ``budget`` describes the conversation (from the budget store when one keeps it, else from
     the thread's ledger); ``user_budget`` the user's pool when one applies.
     """
     store_spent = store_spent or {}
-    meta: dict[str, Any] = {
-        "spans": [dict(s) for s in answer["spans"]],
-        "usage": {
-            "student_tokens": answer["student_tokens"],
-            "teacher_tokens": answer["teacher_tokens"],
-            "teacher_calls": answer["teacher_calls"],
-            "student_discarded_tokens": answer.get("student_discarded_tokens", 0),
-            "call_ratio": call_ratio(answer["student_tokens"], answer["teacher_tokens"]),
-            "cost_usd": answer["student_cost_usd"] + answer["teacher_cost_usd"],
-            "student_prompt_tokens": answer["student_prompt_tokens"],
-            "teacher_prompt_tokens": answer["teacher_prompt_tokens"],
-            "student_cost_usd": answer["student_cost_usd"],
-            "teacher_cost_usd": answer["teacher_cost_usd"],
-        },
-        "finish_reason": answer["finish_reason"],
-        "finished_by": answer["finished_by"],
-        "events": [dict(e) for e in answer["events"]],
-        "budget": budget_state(config.budget, store_spent.get("conversation") or ledger_spend(ledger)),
-        "student_model": config.student.model,
-        "teacher_model": config.teacher.model,
-    }
-    if "user" in store_spent:
-        meta["user_budget"] = budget_state(config.user_budget, store_spent["user"])
-    if has_limits(config.turn_budget):
-        turn = Spend(answer["teacher_tokens"], answer["teacher_calls"], answer["teacher_cost_usd"])
-        meta["turn_budget"] = budget_state(config.turn_budget, turn)
-    return meta
-
-
-def budget_state(budget: Budget, spent: Spend) -> dict[str, Any]:
-    return {
-        "max_teacher_tokens": budget.max_teacher_tokens,
-        "max_teacher_calls": budget.max_teacher_calls,
-        "max_cost_usd": budget.max_cost_usd,
-        "spent_teacher_tokens": spent.teacher_tokens,
-        "spent_teacher_calls": spent.teacher_calls,
-        "spent_cost_usd": spent.cost_usd,
-        **remaining(budget, spent),
-        "exhausted": exhausted(budget, spent),
-    }
+    turn = Spend(answer["teacher_tokens"], answer["teacher_calls"], answer["teacher_cost_usd"])
+    return RelayRecord(
+        spans=[Span(**s) for s in answer["spans"]],
+        usage=RelayUsage(
+            student_tokens=answer["student_tokens"],
+            teacher_tokens=answer["teacher_tokens"],
+            teacher_calls=answer["teacher_calls"],
+            student_discarded_tokens=answer.get("student_discarded_tokens", 0),
+            call_ratio=call_ratio(answer["student_tokens"], answer["teacher_tokens"]),
+            cost_usd=answer["student_cost_usd"] + answer["teacher_cost_usd"],
+            student_prompt_tokens=answer["student_prompt_tokens"],
+            teacher_prompt_tokens=answer["teacher_prompt_tokens"],
+            student_cost_usd=answer["student_cost_usd"],
+            teacher_cost_usd=answer["teacher_cost_usd"],
+        ),
+        finish_reason=answer["finish_reason"],
+        finished_by=answer["finished_by"],
+        events=[RelayEvent(**e) for e in answer["events"]],
+        budget=BudgetState.of(config.budget, store_spent.get("conversation") or ledger_spend(ledger)),
+        user_budget=(
+            BudgetState.of(config.user_budget, store_spent["user"]) if "user" in store_spent else None
+        ),
+        turn_budget=BudgetState.of(config.turn_budget, turn) if has_limits(config.turn_budget) else None,
+        student_model=config.student.model,
+        teacher_model=config.teacher.model,
+    )

@@ -14,9 +14,7 @@ from relay_agents.server.schemas import (
     ChoiceRelay,
     Completion,
     CompletionChoice,
-    EventInfo,
     RelayUsageInfo,
-    SpanInfo,
     Usage,
     openai_finish_reason,
 )
@@ -52,27 +50,19 @@ def usage_of(result: RelayResult) -> Usage:
         completion_tokens=completion,
         total_tokens=prompt + completion,
         relay=RelayUsageInfo(
-            student_tokens=u.student_tokens,
-            teacher_tokens=u.teacher_tokens,
-            teacher_calls=u.teacher_calls,
-            call_ratio=u.call_ratio,
-            cost_usd=u.cost_usd,
+            **dict(u),
             budget_remaining=_remaining(result.budget, *pools),
             user_budget_remaining=_remaining(*pools) if pools else None,
         ),
     )
 
 
-def _events(result: RelayResult) -> list[EventInfo]:
-    return [EventInfo(kind=e.kind, message=e.message) for e in result.events]
-
-
 def choice_relay(result: RelayResult) -> ChoiceRelay:
     return ChoiceRelay(
         finish_reason=result.finish_reason,
         finished_by=result.finished_by,
-        spans=[SpanInfo(source=s.source, text=s.text, tokens=s.tokens) for s in result.spans],
-        events=_events(result),
+        spans=result.spans,
+        events=result.events,
     )
 
 
@@ -138,7 +128,7 @@ class StreamRenderer:
         relay = {
             "source": result.finished_by or "student",
             "finish_reason": result.finish_reason,
-            "events": [e.model_dump() for e in _events(result)],
+            "events": [e.model_dump() for e in result.events],
         }
         parts = [enc.finish(openai_finish_reason(result.finish_reason), relay)]
         if enc.include_usage:

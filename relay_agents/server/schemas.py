@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
+
 # --------------------------------------------------------------------------------------------
 # Requests
 # --------------------------------------------------------------------------------------------
@@ -213,12 +215,9 @@ class BudgetRemaining(BaseModel):
     cost_usd: float | None = None
 
 
-class RelayUsageInfo(BaseModel):
-    student_tokens: int
-    teacher_tokens: int
-    teacher_calls: int
-    call_ratio: float
-    cost_usd: float
+class RelayUsageInfo(RelayUsage):
+    """The answer's relay usage, and what its conversation may still spend."""
+
     budget_remaining: BudgetRemaining
     user_budget_remaining: BudgetRemaining | None = None
 
@@ -234,24 +233,13 @@ class Usage(BaseModel):
     relay: RelayUsageInfo
 
 
-class SpanInfo(BaseModel):
-    source: Literal["student", "teacher"]
-    text: str
-    tokens: int
-
-
-class EventInfo(BaseModel):
-    kind: str
-    message: str
-
-
 class ChoiceRelay(BaseModel):
     """The relay's own account of one answer, on the choice."""
 
     finish_reason: str | None
-    finished_by: Literal["student", "teacher"] | None
-    spans: list[SpanInfo]
-    events: list[EventInfo]
+    finished_by: Source | None
+    spans: list[Span]
+    events: list[RelayEvent]
 
 
 class AssistantMessage(BaseModel):

@@ -9,15 +9,15 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from relay_agents.config import Budget
-from relay_agents.core.answer import budget_state
 from relay_agents.core.grants import Spend
+from relay_agents.core.result import BudgetState, RelayRecord
 
 BUDGET_SPENT = "The teacher budget of this conversation is spent: the student answers alone from here."
 
 
 def budget_view(budget: Budget, spent: Spend) -> dict[str, Any]:
     """The meter: limits, spent and remaining (the store's numbers) and whether it is spent."""
-    return budget_state(budget, spent)
+    return BudgetState.of(budget, spent).model_dump()
 
 
 def notice(event: dict[str, Any]) -> dict[str, str]:
@@ -52,20 +52,21 @@ def message_view(message: BaseMessage) -> dict[str, Any] | None:
         return {"role": "user", "text": message.text}
     if not isinstance(message, AIMessage):
         return None
-    relay = message.response_metadata.get("relay")
-    if relay is None:
+    meta = message.response_metadata.get("relay")
+    if meta is None:
         return {
             "role": "assistant",
             "text": message.text,
             "spans": [{"source": "student", "text": message.text}],
         }
+    relay = RelayRecord.model_validate(meta)
     return {
         "role": "assistant",
         "text": message.text,
-        "spans": [{"source": s["source"], "text": s["text"]} for s in relay["spans"]],
-        "usage": relay["usage"],
-        "finish_reason": relay["finish_reason"],
-        "notices": [notice(e) for e in relay["events"]],
+        "spans": [{"source": s.source, "text": s.text} for s in relay.spans],
+        "usage": relay.usage.model_dump(),
+        "finish_reason": relay.finish_reason,
+        "notices": [notice(e.model_dump()) for e in relay.events],
     }
 
 
