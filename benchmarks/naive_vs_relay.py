@@ -1,17 +1,17 @@
-"""The seed's naive relay loop against relay-agents on the tiny vLLM pair: throughput and prefix-cache hits.
+"""A naive relay loop against relay-agents on the tiny vLLM pair: throughput and prefix-cache hits.
 
 Both run on the same two vLLM servers (``tiny_pair_servers()``: ``tiny-student`` on core 0,
 ``tiny-teacher`` on core 1, greedy decoding), the same held-out problems and the same prompts
 (the protocol's user template rendered with the models' chat template).
 
-The naive loop is the seed (``/work/shared/seeds/000_*.txt``) reproduced over HTTP with the
+The naive loop (``NaiveLoop`` below) is relay decoding written the plain way, over HTTP with the
 synchronous ``openai.OpenAI`` client and ``/v1/completions``: the student gets the whole
 context as text (``stop=["</call>"]``, ``include_stop_str_in_output``); no ``<call>`` in its
 output ends the answer; otherwise ``N`` is parsed with a regex (50 if unparsable), the
 commands are deleted from the context and the teacher writes ``N`` tokens; up to 10 rounds.
-One change: the seed's student ``max_tokens=512`` does not fit the servers' 512-token context,
-so the student gets the relay's answer cap (``max_answer_tokens``) per round instead.
-The seed loop is sequential by design; at concurrency 32 it runs in 32 threads (one shared
+The student gets the relay's answer cap (``max_answer_tokens``) per round: a larger
+``max_tokens`` would not fit the servers' 512-token context.
+The naive loop is sequential by design; at concurrency 32 it runs in 32 threads (one shared
 client), its fairest chance. relay-agents runs ``arelay`` in 32 asyncio workers.
 
 Measured:
@@ -128,14 +128,14 @@ class CacheLog:
         }
 
 
-# --------------------------------------------------------------------------- the naive seed loop
+# --------------------------------------------------------------------------- the naive loop
 
 _CALL = re.compile(r"<call>\s*(\d+)\s*</call>")
 _ANY_CALL = re.compile(r"<call>.*?</call>")
 
 
 class NaiveLoop:
-    """The seed's ``relay_generate`` over HTTP (sync openai client, one request at a time)."""
+    """Relay decoding the plain way over HTTP (sync openai client, one request at a time)."""
 
     def __init__(self, servers: TinyPairServers, cfg: RelayConfig, cache_log: CacheLog | None = None):
         self.student = openai.OpenAI(base_url=servers.student.base_url, api_key="EMPTY", max_retries=0)

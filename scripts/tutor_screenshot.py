@@ -1,4 +1,4 @@
-"""Take the README's screenshot of the tutor (docs/tutor.png): real relayed answers from the
+"""Take the tutor page's screenshot in docs/tutor.md (docs/tutor.png): real relayed answers from the
 tiny student/teacher pair on vLLM (CPU), in Debian's headless chromium driven by Playwright.
 
     .venv/bin/python scripts/tutor_screenshot.py [--out docs/tutor.png] [--questions 3]
