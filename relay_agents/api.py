@@ -16,7 +16,13 @@ from pydantic import BaseModel
 
 from relay_agents.config import RelayConfig
 from relay_agents.core.result import BudgetState, RelayEvent, RelayRecord, RelayUsage, Source, Span
-from relay_agents.graph import RelayContext, build_relay_graph, drain_deltas, shared_relay_graph
+from relay_agents.graph import (
+    RelayContext,
+    ThreadedDeltas,
+    build_relay_graph,
+    drain_deltas,
+    shared_relay_graph,
+)
 from relay_agents.prompts import Message
 
 __all__ = [
@@ -129,14 +135,6 @@ class RelayStream:
         self._context = context
         self.result: RelayResult | None = None
 
-    def _take(self, mode: str, payload: Any) -> RelayDelta | None:
-        if mode == "custom":
-            return RelayDelta(text=payload["text"], source=payload["source"])
-        last = payload["messages"][-1] if payload.get("messages") else None
-        if isinstance(last, AIMessage) and "relay" in last.response_metadata:
-            self.result = RelayResult.from_message(last)
-        return None
-
     async def run(self, on_delta: Callable[[RelayDelta], None]) -> RelayResult:
         """Run the answer, handing each delta to ``on_delta`` as it is produced; sets ``result``.
 
@@ -163,14 +161,15 @@ class RelayStream:
                 yield delta
 
     def __iter__(self) -> Iterator[RelayDelta]:
-        for mode, payload in self._graph.stream(
-            self._inputs, self._config, stream_mode=_MODES, context=self._context
-        ):
-            if (delta := self._take(mode, payload)) is not None:
-                yield delta
+        def run(on_delta: Callable[[dict[str, str]], None]) -> dict[str, Any]:
+            context = dataclasses.replace(self._context, on_delta=on_delta)
+            return self._graph.invoke(self._inputs, self._config, context=context)
 
-
-_MODES: list[Any] = ["custom", "values"]
+        deltas = ThreadedDeltas(run)
+        for delta in deltas:
+            yield RelayDelta.model_construct(text=delta["text"], source=delta["source"])
+        assert deltas.result is not None
+        self.result = RelayResult.from_message(deltas.result["messages"][-1])
 
 
 def astream_relay(

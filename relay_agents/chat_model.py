@@ -50,11 +50,16 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from relay_agents.config import Endpoint, RelayConfig
-from relay_agents.graph import RelayContext, conversation_id, drain_deltas, shared_relay_graph
+from relay_agents.graph import (
+    RelayContext,
+    ThreadedDeltas,
+    conversation_id,
+    drain_deltas,
+    shared_relay_graph,
+)
 
 __all__ = ["ChatRelay"]
 
-_STREAM_MODES: list[Any] = ["custom", "values"]
 
 # ChatRelay field -> Endpoint field of the student (applied when the field is set)
 _STUDENT_FIELDS = {
@@ -308,18 +313,19 @@ class ChatRelay(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         graph = self._graph_for_call(kwargs)
         context = self._context(kwargs, run_manager, stream_tokens=True)
-        stream = _isolated(
-            lambda: iter(graph.stream({"messages": messages}, stream_mode=_STREAM_MODES, context=context))
-        )
+
+        def run(on_delta: Callable[[dict[str, str]], None]) -> dict[str, Any]:
+            live = dataclasses.replace(context, on_delta=on_delta)
+            return _isolated(lambda: graph.invoke({"messages": messages}, context=live))
+
+        deltas = ThreadedDeltas(run)
         chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
-        try:
-            while (item := _isolated(lambda: next(stream, None))) is not None:
-                for chunk in chunks.take(*item):
-                    if run_manager and chunk.text:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                    yield chunk
-        finally:
-            _isolated(stream.close)
+        for delta in deltas:
+            for chunk in chunks.take(delta):
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        chunks.done(deltas.result)
         yield from chunks.finish()
 
     async def _astream(
@@ -341,11 +347,11 @@ class ChatRelay(BaseChatModel):
         chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
         async with contextlib.aclosing(drain_deltas(run, deltas)) as stream:  # leaving cancels the run
             async for delta in stream:
-                for chunk in chunks.take("custom", delta):
+                for chunk in chunks.take(delta):
                     if run_manager and chunk.text:
                         await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                     yield chunk
-        chunks.take("values", run.result())
+        chunks.done(run.result())
         for chunk in chunks.finish():
             yield chunk
 
@@ -381,7 +387,8 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
 
 
 class _Chunker:
-    """Turns the graph's ``custom``/``values`` stream into ``AIMessageChunk``s.
+    """Turns the relay's deltas (``RelayContext.on_delta``) and its final state into
+    ``AIMessageChunk``s.
 
     Text that could be the start of a stop sequence is held back until it is known not to
     be; after a stop sequence nothing more is emitted (the graph is still drained, so the
@@ -395,12 +402,13 @@ class _Chunker:
         self.stopped: str | None = None
         self.reply: AIMessage | None = None
 
-    def take(self, mode: str, payload: Any) -> list[ChatGenerationChunk]:
-        if mode != "custom":
-            last = payload["messages"][-1] if payload.get("messages") else None
-            if isinstance(last, AIMessage) and "relay" in last.response_metadata:
-                self.reply = last
-            return []
+    def done(self, state: dict[str, Any] | None) -> None:
+        """Take the reply from the relay's final state (its usage and metadata)."""
+        last = state["messages"][-1] if state and state.get("messages") else None
+        if isinstance(last, AIMessage) and "relay" in last.response_metadata:
+            self.reply = last
+
+    def take(self, payload: dict[str, str]) -> list[ChatGenerationChunk]:
         if self.stopped is not None or not payload["text"]:
             return []
         self.held.append((payload["source"], payload["text"]))

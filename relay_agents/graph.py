@@ -5,17 +5,23 @@ is an ``AIMessage``); ``ledger`` is the conversation's teacher spend, so a check
 persists the budget across the turns of a thread; ``answer`` is the answer in progress.
 The first student step begins the answer and the step that ends it writes the reply: no
 begin or finish node, because every LangGraph step costs more than those two did.
-Model text is streamed through the ``custom`` stream mode as ``{"source", "text"}``.
+Model text goes, as ``{"source", "text"}`` deltas, to ``RelayContext.on_delta`` when a
+consumer in the same process gives one (every stream of this library: :func:`drain_deltas`
+for async consumers, :class:`ThreadedDeltas` for sync ones), else to LangGraph's ``custom``
+stream mode (``graph.stream``, LangGraph's server and Studio).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import contextvars
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, Generic, TypedDict, TypeVar
 
 from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -63,6 +69,8 @@ from relay_agents.core.policies import TurnPlan
 from relay_agents.core.protocol import CleanTextFilter
 from relay_agents.core.types import Generation
 from relay_agents.prompts import protocol_messages, to_openai_messages
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,54 @@ def conversation_id(explicit: object | None, run: Mapping[str, Any] | None = Non
     run = run or {}
     thread = (run.get("configurable") or {}).get("thread_id") or (run.get("metadata") or {}).get("thread_id")
     return None if thread is None else str(thread)
+
+
+class StreamClosed(Exception):
+    """Raised inside a relay run when the consumer of its sync stream has left."""
+
+
+class ThreadedDeltas(Generic[T]):
+    """The sync twin of :func:`drain_deltas`: iterating runs ``run(on_delta)`` in a worker thread
+    and yields what it hands to ``on_delta``; ``result`` is its return value once exhausted.
+
+    A sync consumer cannot be called back from inside the nodes, so the deltas cross one
+    ``queue.Queue``. Leaving the loop early makes the run's next delta raise
+    :class:`StreamClosed`, which closes its upstream request where the async path cancels.
+    """
+
+    def __init__(self, run: Callable[[Callable[[dict[str, str]], None]], T]) -> None:
+        self._run = run
+        self.result: T | None = None
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        deltas: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        closed = threading.Event()
+        end = object()
+        outcome: list[Any] = []
+
+        def on_delta(delta: dict[str, str]) -> None:
+            if closed.is_set():
+                raise StreamClosed
+            deltas.put(delta)
+
+        def work() -> None:
+            try:
+                outcome.append(self._run(on_delta))
+            except BaseException as exc:  # handed to the consumer
+                outcome.append(exc)
+            finally:
+                deltas.put(end)
+
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(work,), name="relay-stream", daemon=True).start()
+        try:
+            while (delta := deltas.get()) is not end:
+                yield delta
+        finally:
+            closed.set()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        self.result = outcome[0]
 
 
 def _context() -> RelayContext:

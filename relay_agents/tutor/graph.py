@@ -32,7 +32,6 @@ TUTOR_SYSTEM_PROMPT = (
 )
 #: Messages of the conversation the relay sees by default (the question and earlier turns).
 DEFAULT_HISTORY_MESSAGES = 20
-_STREAM_MODES: list[Any] = ["custom", "values"]
 #: The teacher budget of each conversation when the config sets none.
 DEFAULT_BUDGET = Budget(max_teacher_tokens=2000)
 
@@ -88,31 +87,20 @@ def build_tutor_graph(
     # checkpointer=False: never a checkpointed subgraph of the tutor (LangGraph's switch).
     relay = build_relay_graph(tutor_relay_config(config, system_prompt), checkpointer=False)
 
-    def relay_inputs(state: TutorState, run: RunnableConfig) -> tuple[dict[str, Any], RelayContext]:
+    def relay_run(state: TutorState, run: RunnableConfig) -> tuple[dict[str, Any], RelayContext]:
+        """The relay's inputs, and its context: the thread's budget, deltas straight into the
+        tutor's own ``custom`` stream."""
         inputs = {"messages": recent_messages(state["messages"], history_messages)}
-        return inputs, RelayContext(conversation_id=conversation_id(None, run))
+        context = RelayContext(conversation_id=conversation_id(None, run), on_delta=get_stream_writer())
+        return inputs, context
 
     def tutor(state: TutorState, config: RunnableConfig) -> dict[str, Any]:
-        inputs, context = relay_inputs(state, config)
-        writer = get_stream_writer()
-        reply: AIMessage | None = None
-        for mode, payload in relay.stream(inputs, stream_mode=_STREAM_MODES, context=context):
-            if mode == "custom":
-                writer(payload)
-            else:
-                reply = payload["messages"][-1]
-        return {"messages": [_reply(reply)]}
+        inputs, context = relay_run(state, config)
+        return {"messages": [_reply(relay.invoke(inputs, context=context))]}
 
     async def atutor(state: TutorState, config: RunnableConfig) -> dict[str, Any]:
-        inputs, context = relay_inputs(state, config)
-        writer = get_stream_writer()
-        reply: AIMessage | None = None
-        async for mode, payload in relay.astream(inputs, stream_mode=_STREAM_MODES, context=context):
-            if mode == "custom":
-                writer(payload)
-            else:
-                reply = payload["messages"][-1]
-        return {"messages": [_reply(reply)]}
+        inputs, context = relay_run(state, config)
+        return {"messages": [_reply(await relay.ainvoke(inputs, context=context))]}
 
     builder = StateGraph(TutorState)
     builder.add_node("tutor", RunnableLambda(tutor, afunc=atutor, name="tutor"))
@@ -121,7 +109,8 @@ def build_tutor_graph(
     return builder.compile(checkpointer=checkpointer, name=name)
 
 
-def _reply(message: Any) -> AIMessage:
+def _reply(state: dict[str, Any]) -> AIMessage:
+    message = state["messages"][-1] if state.get("messages") else None
     if not isinstance(message, AIMessage) or "relay" not in message.response_metadata:
         raise RuntimeError("the relay ended without an answer")
     return message
