@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay_agents.serving.vllm import _dying_with_this_process
+from relay_agents.serving.process import dying_with_this_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 
@@ -68,9 +68,9 @@ def test_without_the_guard_the_command_is_orphaned(tmp_path: Path) -> None:
 
 
 def test_only_the_main_thread_arms_the_guard() -> None:
-    assert _dying_with_this_process(["vllm"])[-2:] == [str(os.getpid()), "vllm"]
+    assert dying_with_this_process(["vllm"])[-2:] == [str(os.getpid()), "vllm"]
     seen: list[list[str]] = []
-    thread = threading.Thread(target=lambda: seen.append(_dying_with_this_process(["vllm"])))
+    thread = threading.Thread(target=lambda: seen.append(dying_with_this_process(["vllm"])))
     thread.start()
     thread.join()
     assert seen == [["vllm"]]  # a worker thread's exit would fire the signal early
