@@ -164,7 +164,7 @@ class LoopbackProcess:
                 if code is not None:
                     raise ServerStartError(f"exited with code {code} during start", self.log_tail())
                 if time.monotonic() - t0 > timeout:
-                    raise ServerStartError(f"was not ready after {timeout:.0f}s", self.log_tail())
+                    raise ServerStartError(f"was not ready after {timeout:g}s", self.log_tail())
                 if ready():
                     break
                 time.sleep(interval)
