@@ -27,10 +27,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from relay_agents.serving import die_with_parent
-
 LOOPBACK = "127.0.0.1"
 
+#: Run as a file: see :func:`dying_with_this_process`.
+_DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py")
 _LIVE: weakref.WeakSet[LoopbackProcess] = weakref.WeakSet()
 _HANDLERS_LOCK = threading.Lock()
 _HANDLERS_INSTALLED = False
@@ -65,7 +65,7 @@ def dying_with_this_process(command: Sequence[str]) -> list[str]:
     """
     if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return list(command)
-    return [sys.executable, die_with_parent.__file__, str(os.getpid()), *command]
+    return [sys.executable, str(_DIE_WITH_PARENT), str(os.getpid()), *command]
 
 
 def _stop_all_live() -> None:
