@@ -58,7 +58,7 @@ import openai
 from relay_agents import RelayConfig, arelay
 from relay_agents.clients import client_for
 from relay_agents.prompts import ChatTemplate, protocol_messages, to_openai_messages
-from relay_agents.serving.vllm import TinyPairServers, tiny_pair_servers
+from relay_agents.tiny.servers import TinyPairServers, tiny_pair_servers
 from relay_agents.tiny.tasks import Problem, eval_problems, is_correct, teacher_solution
 
 BLOCK = 128

@@ -35,8 +35,8 @@ from relay_agents import (
 )
 from relay_agents.calibrate import DevProblem, Point, calibrate, measure
 from relay_agents.serving import VLLMServer
-from relay_agents.serving.vllm import TINY_MAX_ANSWER_TOKENS
 from relay_agents.tiny import tasks
+from relay_agents.tiny.servers import TINY_MAX_ANSWER_TOKENS
 
 CALL_TOKENS = 4
 GRIDS: dict[str, tuple[list[float], bool]] = {

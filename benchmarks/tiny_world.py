@@ -27,9 +27,9 @@ import time
 from datetime import date
 from typing import Any
 
-from relay_agents.serving import tiny_pair_servers
 from relay_agents.tiny.build import read_stats
-from relay_agents.tiny.evaluate import evaluate_servers, solo_server
+from relay_agents.tiny.evaluate import evaluate_servers
+from relay_agents.tiny.servers import solo_server, tiny_pair_servers
 
 LABELS = {
     "student_alone": "student alone",

@@ -114,7 +114,8 @@ def demo(
 ) -> None:
     """Relay a few held-out tiny-world problems. With no endpoints configured, this builds (or
     loads) the tiny student/teacher pair, serves them with vLLM on the CPU, and shuts down after."""
-    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+    from relay_agents.serving import VLLMServerError, vllm_available
+    from relay_agents.tiny.servers import tiny_pair_servers
 
     if config_file is not None or _configured():
         config = _load(config_file)

@@ -24,27 +24,41 @@ def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[
     return [dict(m) for m in converted]
 
 
-def _text(content: Any) -> str:
-    """A message's text; a non-text part (image, audio, file) is refused, not silently dropped."""
+def content_text(content: Any, *, joiner: str = "") -> str:
+    """A message's content as text: the one rule of the relay, its server and the scripted server.
+
+    ``None`` is empty text and a string is itself. A list holds content parts, each a string
+    (LangChain's content lists mix them with blocks) or ``{"type": "text", "text": "..."}``; their
+    texts are joined with ``joiner`` (``""``, as LangChain's ``BaseMessage.text`` does; vLLM's
+    chat rendering joins with a newline). Any other part (image, audio, file, ...) is refused
+    with a ValueError, not silently dropped: relay prompts are text only. So is any other content.
+    """
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    parts = []
+    if not isinstance(content, list):
+        raise ValueError("message content must be a string or a list of text content parts")
+    texts = []
     for part in content:
         if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, dict) and part.get("type") == "text":
-            parts.append(part.get("text", ""))
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"content parts of type {kind!r} are not supported: relay prompts are text only")
-    return "".join(parts)
+            raise ValueError(
+                f"content parts of type {kind!r} are not supported: relay prompts are text only "
+                "(send only text content parts)"
+            )
+    return joiner.join(texts)
 
 
 def protocol_messages(
     messages: Sequence[Message], *, user_template: str, system_prompt: str | None
 ) -> list[Message]:
     """Apply the protocol's prompt: the last user message goes through ``user_template``."""
-    out = [dict(m, content=_text(m.get("content", ""))) for m in messages]
+    out = [dict(m, content=content_text(m.get("content"))) for m in messages]
     last_user = next((i for i in range(len(out) - 1, -1, -1) if out[i]["role"] == "user"), None)
     if last_user is None:
         raise ValueError("the conversation has no user message to answer")

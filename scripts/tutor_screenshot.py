@@ -20,10 +20,11 @@ import uvicorn
 from playwright.sync_api import sync_playwright
 
 from relay_agents.config import Budget
-from relay_agents.serving import TinyPairServers, VLLMServer, tiny_pair_servers
+from relay_agents.serving import VLLMServer
 from relay_agents.testing.browser import launch_chromium
 from relay_agents.tiny import tasks
 from relay_agents.tiny.build import TinyPair
+from relay_agents.tiny.servers import TinyPairServers, tiny_pair_servers
 from relay_agents.tutor.service import TutorOptions
 from relay_agents.tutor.web import create_tutor_app
 

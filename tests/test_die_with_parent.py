@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from relay_agents.serving.vllm import _dying_with_this_process
+from relay_agents.serving import die_with_parent
+from relay_agents.serving.process import dying_with_this_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+GUARD = Path(die_with_parent.__file__)
 
 
 def _alive(pid: int) -> bool:
@@ -30,7 +32,8 @@ def _child_of_a_killed_parent(tmp_path: Path, guarded: bool) -> int:
     pid_file = tmp_path / "child.pid"
     command = "['sleep', '60']"
     if guarded:
-        command = f"['{sys.executable}', '-m', 'relay_agents.serving.die_with_parent', str(os.getpid()), 'sleep', '60']"
+        # as dying_with_this_process runs it: the file, without importing the package
+        command = f"['{sys.executable}', {str(GUARD)!r}, str(os.getpid()), 'sleep', '60']"
     parent_code = (
         "import os, subprocess, sys, time\n"
         f"child = subprocess.Popen({command}, start_new_session=True)\n"
@@ -68,9 +71,9 @@ def test_without_the_guard_the_command_is_orphaned(tmp_path: Path) -> None:
 
 
 def test_only_the_main_thread_arms_the_guard() -> None:
-    assert _dying_with_this_process(["vllm"])[-2:] == [str(os.getpid()), "vllm"]
+    assert dying_with_this_process(["vllm"]) == [sys.executable, str(GUARD), str(os.getpid()), "vllm"]
     seen: list[list[str]] = []
-    thread = threading.Thread(target=lambda: seen.append(_dying_with_this_process(["vllm"])))
+    thread = threading.Thread(target=lambda: seen.append(dying_with_this_process(["vllm"])))
     thread.start()
     thread.join()
     assert seen == [["vllm"]]  # a worker thread's exit would fire the signal early

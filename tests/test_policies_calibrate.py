@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 from relay_agents import ConfidencePolicy, load_config
 from relay_agents.calibrate import write_policy
 from relay_agents.cli import app
-from relay_agents.testing import ScriptedServer
-from relay_agents.testing.scripted_server import tokenize
+from relay_agents.testing import ScriptedServer, tokenize
 from tests.conftest import CHATML
 
 #: the probability of the first digit of the hard product, one per development question

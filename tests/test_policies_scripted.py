@@ -18,8 +18,7 @@ from relay_agents import (
     arelay,
     astream_relay,
 )
-from relay_agents.testing import ScriptedServer
-from relay_agents.testing.scripted_server import tokenize
+from relay_agents.testing import ScriptedServer, tokenize
 from tests.conftest import relay_config
 
 ANSWER = "So 47*6 = 282, then 282 + 8 = 290. \\boxed{290}"

@@ -12,8 +12,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.memory import InMemorySaver
 
 from relay_agents import Budget, arelay, astream_relay, build_relay_graph, relay, stream_relay
-from relay_agents.testing import ScriptedServer
-from relay_agents.testing.scripted_server import render_chat
+from relay_agents.testing import ScriptedServer, render_chat
 from tests.conftest import relay_config
 
 TWICE_STUDENT = [

@@ -284,7 +284,7 @@ async def test_latency(srv, client):
 
 def test_controller_lifecycle():
     server = ScriptedServer().start()
-    proc = server._proc
+    proc = server.process
     assert server.running and server.base_url.endswith("/v1")
     server.stop()
     assert proc.poll() is not None and not server.running

@@ -202,9 +202,10 @@ def test_solo_examples_learn_the_hard_results():
 def test_tiny_configs_four_settings(tmp_path):
     """The four table settings as relay configs (servers never started: only URLs)."""
     pytest.importorskip("openai")
-    from relay_agents.serving import TinyPairServers, VLLMServer
+    from relay_agents.serving import VLLMServer
     from relay_agents.tiny import build
     from relay_agents.tiny.evaluate import SETTINGS, tiny_configs
+    from relay_agents.tiny.servers import TinyPairServers
 
     pair = build.TinyPair(tmp_path / "student", tmp_path / "teacher", tmp_path / "solo")
     student = VLLMServer(pair.student_dir, served_model_name="tiny-student", port=8001)

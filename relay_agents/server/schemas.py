@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
+from relay_agents.prompts import content_text
 
 # --------------------------------------------------------------------------------------------
 # Requests
@@ -24,25 +25,6 @@ from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
 class _Request(BaseModel):
     # extra="allow": SDKs add fields over time (metadata, store, ...); unknown ones are ignored.
     model_config = ConfigDict(extra="allow", strict=True)
-
-
-def _text_content(value: Any) -> Any:
-    """A message's content as text: a string, or a list of ``{"type": "text"}`` parts."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts are supported, got {kind!r}")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ValueError("content must be a string or a list of text parts")
 
 
 class ChatMessage(_Request):
@@ -59,8 +41,8 @@ class ChatMessage(_Request):
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text(cls, value: Any) -> Any:
-        return _text_content(value)
+    def _text(cls, value: Any) -> str:
+        return content_text(value)
 
     def wire(self) -> dict[str, str]:
         """The message as the relay takes it (``developer`` is the newer name of ``system``)."""

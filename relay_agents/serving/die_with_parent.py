@@ -1,6 +1,7 @@
 """Run a command that the kernel stops (SIGTERM) as soon as the process that started it dies.
 
     python -m relay_agents.serving.die_with_parent PARENT_PID COMMAND [ARGS...]
+    python .../relay_agents/serving/die_with_parent.py PARENT_PID COMMAND [ARGS...]  (no package import)
 
 Signal handlers and ``atexit`` stop a vLLM server when its parent exits normally or is
 interrupted, but not when the parent is killed (SIGKILL, an OOM kill, a CI timeout): the

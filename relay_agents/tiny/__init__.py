@@ -8,6 +8,8 @@
   (``torch`` + ``transformers``, the ``cpu`` extra).
 * :mod:`relay_agents.tiny.evaluate` — the paper's table in miniature through the relay
   engine (``benchmarks/tiny_world.py``).
+* :mod:`relay_agents.tiny.servers` — the pair (and the solo student) served by vLLM
+  (``tiny_pair_servers()``).
 """
 
 from __future__ import annotations

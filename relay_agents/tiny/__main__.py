@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm:
             import asyncio
 
-            from relay_agents.serving import tiny_pair_servers
-
-            from .evaluate import evaluate_servers, solo_server
+            from .evaluate import evaluate_servers
+            from .servers import solo_server, tiny_pair_servers
 
             with tiny_pair_servers(cache_dir=args.cache_dir) as servers, solo_server(servers) as solo:
                 res = asyncio.run(evaluate_servers(servers, solo, n=args.n))

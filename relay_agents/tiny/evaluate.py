@@ -164,7 +164,7 @@ SETTINGS = ("student_alone", "teacher_free", "relay", "teacher_alone")
 def tiny_configs(servers, solo, *, temperature: float = 0.0, seed: int | None = None) -> dict[str, Any]:
     """The four settings' :class:`~relay_agents.config.RelayConfig` for the tiny servers.
 
-    ``servers`` is a started :class:`~relay_agents.serving.TinyPairServers`, ``solo`` a
+    ``servers`` is a started :class:`~relay_agents.tiny.servers.TinyPairServers`, ``solo`` a
     started :class:`~relay_agents.serving.VLLMServer` for ``pair.solo_dir`` (``None``:
     no ``student_alone`` row). ``temperature``/``seed`` go on every endpoint (vLLM takes
     the seed per request, so sampled runs are reproducible).
@@ -264,21 +264,3 @@ async def evaluate_servers(
         "sampling_seed": sampling_seed,
         "rows": rows,
     }
-
-
-def solo_server(servers, **kwargs: Any):
-    """An (unstarted) vLLM server ``tiny-solo`` for the solo student of ``servers.pair``,
-    on core 0 (next to the student) with the pair's log directory."""
-    from relay_agents.serving import VLLMServer
-
-    pair = servers.pair
-    if pair.solo_dir is None:
-        raise ValueError("this build has no solo student")
-    settings: dict[str, Any] = {
-        "served_model_name": "tiny-solo",
-        "cpu_cores": "0",
-        "max_model_len": servers.student.max_model_len,
-        "log_dir": servers.student.log_dir,
-    }
-    settings.update(kwargs)
-    return VLLMServer(pair.solo_dir, **settings)

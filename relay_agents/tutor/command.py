@@ -41,8 +41,9 @@ def tutor_setup(config_file: Path | None) -> Iterator[tuple[RelayConfig, TutorOp
             raise _fail(str(exc), 2) from None
         yield config, TutorOptions(world="configured endpoints")
         return
-    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+    from relay_agents.serving import VLLMServerError, vllm_available
     from relay_agents.tiny import tasks
+    from relay_agents.tiny.servers import tiny_pair_servers
 
     if not vllm_available():
         raise _fail(

@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_servers() -> Iterator[object]:
-    from relay_agents.serving import INSTALL_HINT, VLLMServerError, start_tiny_pair, vllm_available
+    from relay_agents.serving import INSTALL_HINT, VLLMServerError, vllm_available
+    from relay_agents.tiny.servers import start_tiny_pair
 
     if not vllm_available():
         raise VLLMServerError(

@@ -30,7 +30,7 @@ THRESHOLD = 0.9  # the tiny solo student is sure of most tokens: a high bar make
 
 @pytest.fixture(scope="module")
 def solo(tiny_servers) -> Iterator[object]:
-    from relay_agents.tiny.evaluate import solo_server
+    from relay_agents.tiny.servers import solo_server
 
     server = solo_server(tiny_servers)
     server.start()

@@ -1,0 +1,271 @@
+"""The scripted server's ASGI app: vLLM's endpoints, and admin endpoints under ``/_scripted/``
+that load scripts, queue faults, configure timing and read back the requests.
+
+Each route handler is a small function of the server's :class:`ServerState` and the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .faults import TransportMiddleware, check_fault, drop_connection, fault_response
+from .generation import generate, without_calls
+from .script import Replies, Script, check_item
+from .sse import stream_events
+from .tokens import Vocabulary, tokenize
+from .wire import (
+    BadRequest,
+    GenerationRequest,
+    completion_body,
+    detokenize,
+    error_response,
+    parse_generation,
+    read_json,
+    render_prompt,
+)
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "latency_s": 0.0,
+    "ttft_s": 0.0,
+    "token_interval_s": 0.0,
+    "default_response": "I am a scripted model.",
+    "max_model_len": 32768,
+}
+
+
+@dataclass
+class ServerState:
+    """Everything the server knows; all but the vocabulary is cleared by ``reset``."""
+
+    vocabulary: Vocabulary = field(default_factory=Vocabulary)
+    replies: Replies = field(default_factory=Replies)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[str, None] = field(default_factory=dict)  # ordered set
+    config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
+
+    def reset(self) -> None:
+        """Clear everything except the vocabulary (token ids stay stable)."""
+        self.replies.clear()
+        self.requests.clear()
+        self.models.clear()
+        self.config = dict(DEFAULT_CONFIG)
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Set config values; ValueError for an unknown key or a value of the wrong type."""
+        unknown = set(changes) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+        for key, value in changes.items():
+            default = DEFAULT_CONFIG[key]
+            if not isinstance(value, type(default) if isinstance(default, str) else (int, float)):
+                raise ValueError(f"config {key} must be a {type(default).__name__}")
+        for key, value in changes.items():
+            self.config[key] = type(DEFAULT_CONFIG[key])(value)
+
+
+# ---- vLLM's endpoints ----------------------------------------------------------------------
+
+
+async def generation(state: ServerState, request: Request) -> Response:
+    """``/v1/completions`` and ``/v1/chat/completions``."""
+    chat = request.url.path.endswith("/chat/completions")
+    try:
+        body = await read_json(request)
+        model = str(body.get("model") or "")
+        prompt = render_prompt(body, chat=chat, vocabulary=state.vocabulary)
+    except BadRequest as exc:
+        return error_response(str(exc))
+    state.models.setdefault(model)
+    record = {"path": request.url.path, "model": model, "body": body, "prompt": prompt}
+    record["authorization"] = request.headers.get("authorization")
+    record["disconnected"] = False  # set when the client is seen leaving before the end
+    state.requests.append(record)
+    try:
+        req = parse_generation(
+            body,
+            chat=chat,
+            model=model,
+            prompt=prompt,
+            vocabulary=state.vocabulary,
+            max_model_len=state.config["max_model_len"],
+        )
+    except BadRequest as exc:
+        return error_response(str(exc))
+    return await answer(state, request, req, prompt, record)
+
+
+async def answer(
+    state: ServerState, request: Request, req: GenerationRequest, prompt: str, record: dict[str, Any]
+) -> Response:
+    """The scripted reply to a checked request: a fault, a stream or one body."""
+    reply = state.replies.take(req.model, prompt, state.config["default_response"])
+    if reply.fault is not None:
+        response = await fault_response(reply.fault, request, stream=req.stream, record=record)
+        if response is not None:
+            return response
+    text, probs = reply.text, reply.probs
+    if req.suppress_calls:
+        text, probs = without_calls(text), []  # the scripted tokens moved
+    gen = generate(
+        text,
+        stop=req.stop,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        max_tokens=req.max_tokens,
+    )
+    if req.stream:
+        drop = partial(drop_connection, request.scope) if reply.fault == "drop" else None
+        events = stream_events(
+            req,
+            gen,
+            probs,
+            ttft_s=state.config["ttft_s"],
+            token_interval_s=state.config["token_interval_s"],
+            drop=drop,
+        )
+        return StreamingResponse(noting_disconnect(events, record), media_type="text/event-stream")
+    if state.config["latency_s"] > 0:
+        await asyncio.sleep(state.config["latency_s"])
+    return JSONResponse(completion_body(req, gen, probs))
+
+
+async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) -> AsyncIterator[str]:
+    """``events``, marking the request's record when the client leaves mid-stream."""
+    try:
+        async for event in events:
+            yield event
+    except asyncio.CancelledError:  # Starlette cancels the stream when the client disconnects
+        record["disconnected"] = True
+        raise
+
+
+async def tokenize_endpoint(state: ServerState, request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        prompt = render_prompt(body, chat="messages" in body, vocabulary=state.vocabulary)
+    except BadRequest as exc:
+        return error_response(str(exc))
+    tokens = tokenize(prompt)
+    return JSONResponse(
+        {
+            "count": len(tokens),
+            "max_model_len": state.config["max_model_len"],
+            "tokens": [state.vocabulary.token_id(t) for t in tokens],
+            "token_strs": tokens if body.get("return_token_strs") else None,
+        }
+    )
+
+
+async def detokenize_endpoint(state: ServerState, request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list):
+            raise BadRequest("tokens must be a list of token ids")
+        return JSONResponse({"prompt": detokenize(state.vocabulary, ids)})
+    except BadRequest as exc:
+        return error_response(str(exc))
+
+
+async def models_endpoint(state: ServerState, request: Request) -> Response:
+    names = dict.fromkeys([*(s.model for s in state.replies.scripts), *state.models])
+    now = int(time.time())
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": now,
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": state.config["max_model_len"],
+            "permission": [],
+        }
+        for name in names
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(state: ServerState, request: Request) -> Response:
+    return Response(status_code=200)
+
+
+# ---- admin endpoints -----------------------------------------------------------------------
+
+
+async def admin_script(state: ServerState, request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        responses = body.get("responses")
+        if not isinstance(responses, list):
+            raise BadRequest("responses must be a list")
+        script = Script(
+            model=str(body["model"]),
+            match=str(body.get("match", "")),
+            responses=[check_item(r) for r in responses],
+            repeat=bool(body.get("repeat", False)),
+        )
+    except (BadRequest, ValueError, KeyError) as exc:
+        return error_response(f"bad script: {exc}")
+    state.replies.add_script(script)
+    state.models.setdefault(script.model)
+    return JSONResponse({"ok": True})
+
+
+async def admin_faults(state: ServerState, request: Request) -> Response:
+    try:
+        body = await read_json(request)
+        faults = [check_fault(f) for f in body.get("faults") or []]
+        model = str(body["model"])
+    except (BadRequest, ValueError, KeyError) as exc:
+        return error_response(f"bad faults: {exc}")
+    state.replies.queue_faults(model, faults)
+    return JSONResponse({"ok": True})
+
+
+async def admin_configure(state: ServerState, request: Request) -> Response:
+    try:
+        state.configure(await read_json(request))
+    except (BadRequest, ValueError) as exc:
+        return error_response(str(exc))
+    return JSONResponse({"ok": True, "config": state.config})
+
+
+async def admin_requests(state: ServerState, request: Request) -> Response:
+    return JSONResponse({"requests": state.requests})
+
+
+async def admin_reset(state: ServerState, request: Request) -> Response:
+    state.reset()
+    return JSONResponse({"ok": True})
+
+
+_ROUTES = [
+    ("/v1/completions", generation, "POST"),
+    ("/v1/chat/completions", generation, "POST"),
+    ("/tokenize", tokenize_endpoint, "POST"),
+    ("/detokenize", detokenize_endpoint, "POST"),
+    ("/v1/models", models_endpoint, "GET"),
+    ("/health", health, "GET"),
+    ("/_scripted/script", admin_script, "POST"),
+    ("/_scripted/faults", admin_faults, "POST"),
+    ("/_scripted/configure", admin_configure, "POST"),
+    ("/_scripted/requests", admin_requests, "GET"),
+    ("/_scripted/reset", admin_reset, "POST"),
+]
+
+
+def create_app(state: ServerState | None = None) -> TransportMiddleware:
+    """The ASGI app over ``state`` (wrapped so that faults can drop connections)."""
+    state = state or ServerState()
+    routes = [Route(path, partial(handler, state), methods=[method]) for path, handler, method in _ROUTES]
+    return TransportMiddleware(Starlette(routes=routes))

@@ -1,0 +1,91 @@
+"""The script store: what each model answers to each prompt, and the faults queued for it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .faults import check_fault
+
+
+def check_item(item: Any) -> str | dict[str, Any]:
+    """A scripted response: a string, ``{"text": ..., "probs": [...]}`` or ``{"fault": ...}``;
+    ValueError for anything else."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and "probs" in item:
+        probs = item["probs"]
+        if not isinstance(probs, list) or not all(p is None or 0 < float(p) <= 1 for p in probs):
+            raise ValueError(f"probs must be a list of probabilities in (0, 1] or null: {probs!r}")
+    if isinstance(item, dict) and "fault" in item:
+        return {**item, "fault": check_fault(item["fault"])}
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return item
+    raise ValueError(f"a response must be a string, {{'text': ...}} or {{'fault': ...}}: {item!r}")
+
+
+@dataclass
+class Script:
+    model: str
+    match: str
+    responses: list[str | dict[str, Any]]
+    cursor: int = 0
+    repeat: bool = False  # start over after the last response (for repeated runs of one question)
+
+
+@dataclass
+class Reply:
+    """The next answer of a request: a fault (``None``: none) and the text, with per-token
+    probabilities. For a fault the text is what a dropped stream shows before dying (the next
+    scripted text). Tokens without a scripted probability have probability 1."""
+
+    fault: str | None
+    text: str
+    probs: list[float | None] = field(default_factory=list)
+
+
+class Replies:
+    """Scripts (the latest that matches a prompt answers it) and per-model fault queues."""
+
+    def __init__(self) -> None:
+        self.scripts: list[Script] = []
+        self.faults: dict[str, deque[str]] = {}
+
+    def clear(self) -> None:
+        self.scripts.clear()
+        self.faults.clear()
+
+    def add_script(self, script: Script) -> None:
+        self.scripts.append(script)
+
+    def queue_faults(self, model: str, faults: list[str]) -> None:
+        self.faults.setdefault(model, deque()).extend(faults)
+
+    def take(self, model: str, prompt: str, default_response: str) -> Reply:
+        """Consume the next answer for a request (a queued fault comes first)."""
+        script = next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
+        queued = self.faults.get(model)
+        if queued:
+            return Reply(queued.popleft(), self._peek_text(script, default_response))
+        if script is not None and script.repeat and script.responses:
+            script.cursor %= len(script.responses)
+        if script is None or script.cursor >= len(script.responses):
+            return Reply(None, default_response)
+        item = script.responses[script.cursor]
+        script.cursor += 1
+        if isinstance(item, str):
+            return Reply(None, item)
+        if "fault" in item:
+            return Reply(item["fault"], item.get("text") or self._peek_text(script, default_response))
+        return Reply(None, item["text"], list(item.get("probs") or []))
+
+    @staticmethod
+    def _peek_text(script: Script | None, default_response: str) -> str:
+        if script is not None and script.cursor < len(script.responses):
+            item = script.responses[script.cursor]
+            if isinstance(item, str):
+                return item
+            if isinstance(item.get("text"), str):
+                return item["text"]
+        return default_response

@@ -1,0 +1,202 @@
+"""The OpenAI wire format as vLLM speaks it: requests read and checked (in vLLM's order, with
+its messages), errors, and the non-streamed completion and chat completion bodies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .generation import Generation
+from .logprobs import logprobs_payload
+from .tokens import CALL_TOKEN, Vocabulary, render_chat, tokenize
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError"}
+
+
+class BadRequest(Exception):
+    """A request the server answers with 400 and this message."""
+
+
+def error_response(message: str, status: int = 400) -> JSONResponse:
+    etype = _ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "APIError")
+    body = {"error": {"message": message, "type": etype, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def detokenize(vocabulary: Vocabulary, ids: list[Any]) -> str:
+    try:
+        return vocabulary.detokenize(ids)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def render_prompt(body: dict[str, Any], *, chat: bool, vocabulary: Vocabulary) -> str:
+    """The prompt text: a completion's ``prompt`` (a string, one string, or token ids) or the
+    chat ``messages`` rendered with the chat template."""
+    if not chat:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return detokenize(vocabulary, prompt)
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string (or one string, or a list of ids)")
+        return prompt
+    add_gen = body.get("add_generation_prompt", True)
+    cont = body.get("continue_final_message", False)
+    if add_gen and cont:
+        raise BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    try:
+        return render_chat(body.get("messages"), add_generation_prompt=add_gen, continue_final_message=cont)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise BadRequest("stop must be a string or a list of strings")
+
+
+def _int_field(body: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise BadRequest(f"{name} must be an integer")
+            return value
+    return None
+
+
+def _calls_banned(body: dict[str, Any], vocabulary: Vocabulary) -> bool:
+    """Whether ``bad_words`` or a ``logit_bias`` of -100 bans the ``<call>`` token."""
+    banned = {str(w).strip() for w in body.get("bad_words") or []}
+    for key, bias in (body.get("logit_bias") or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise BadRequest(f"logit_bias key {key!r} is not a token id") from None
+        token = detokenize(vocabulary, [token_id])
+        if bias <= -100:
+            banned.add(token)
+    return CALL_TOKEN in banned
+
+
+def _requested_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Top-k asked for (completions ``logprobs: k``; chat ``logprobs: true, top_logprobs: k``)."""
+    if chat:
+        if not body.get("logprobs"):
+            return None
+        k = body.get("top_logprobs") or 0
+    else:
+        k = body.get("logprobs")
+        if k is None or k is False:
+            return None
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+        raise BadRequest("logprobs / top_logprobs must be an integer between 0 and 20")
+    return k
+
+
+@dataclass
+class GenerationRequest:
+    """A checked ``/v1/completions`` or ``/v1/chat/completions`` request."""
+
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+    include_stop_str_in_output: bool
+    prompt_tokens: int
+    max_tokens: int
+    suppress_calls: bool
+    top_logprobs: int | None  # None: no log-probabilities asked for
+    id: str
+    created: int
+
+
+def parse_generation(
+    body: dict[str, Any], *, chat: bool, model: str, prompt: str, vocabulary: Vocabulary, max_model_len: int
+) -> GenerationRequest:
+    """Check the generation fields of ``body`` as vLLM does; :class:`BadRequest` if one is bad."""
+    if body.get("n", 1) != 1:
+        raise BadRequest("n must be 1 on the scripted server")
+    stream = bool(body.get("stream", False))
+    if body.get("stream_options") is not None and not stream:
+        raise BadRequest("Stream options can only be defined when `stream=True`.")
+    stop = _stop_list(body.get("stop"))
+    prompt_tokens = len(tokenize(prompt))
+    max_tokens = _int_field(body, *(("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)))
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}.")
+    if prompt_tokens + (max_tokens or 1) > max_model_len:
+        raise BadRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the "
+            f"messages, {max_tokens or 0} in the completion). Please reduce the length of "
+            "the messages or completion."
+        )
+    suppress_calls = _calls_banned(body, vocabulary)
+    return GenerationRequest(
+        chat=chat,
+        model=model,
+        stream=stream,
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        stop=stop,
+        include_stop_str_in_output=bool(body.get("include_stop_str_in_output", False)),
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_model_len - prompt_tokens if max_tokens is None else max_tokens,
+        suppress_calls=suppress_calls,
+        top_logprobs=_requested_logprobs(body, chat),
+        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+    )
+
+
+def usage(req: GenerationRequest, gen: Generation) -> dict[str, Any]:
+    return {
+        "prompt_tokens": req.prompt_tokens,
+        "total_tokens": req.prompt_tokens + gen.completion_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "prompt_tokens_details": None,
+    }
+
+
+def completion_body(req: GenerationRequest, gen: Generation, probs: list[float | None]) -> dict[str, Any]:
+    """The non-streamed ``text_completion`` or ``chat.completion`` object."""
+    choice: dict[str, Any] = {"index": 0}
+    if req.chat:
+        choice["message"] = {"role": "assistant", "content": gen.text, "tool_calls": []}
+    else:
+        choice["text"] = gen.text
+    logprobs = None
+    if req.top_logprobs is not None:
+        logprobs = logprobs_payload(gen.logprob_tokens(), probs, req.top_logprobs, chat=req.chat)
+    choice |= {"logprobs": logprobs, "finish_reason": gen.finish_reason, "stop_reason": gen.stop_reason}
+    return {
+        "id": req.id,
+        "object": "chat.completion" if req.chat else "text_completion",
+        "created": req.created,
+        "model": req.model,
+        "choices": [choice],
+        "usage": usage(req, gen),
+    }
