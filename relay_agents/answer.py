@@ -19,7 +19,7 @@ from relay_agents.budgets.limits import (
     remaining,
 )
 from relay_agents.clients import Generation, Request
-from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.policies import (
     AnswerSoFar,
     TeacherFreePolicy,

@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from relay_agents.config import Endpoint, identity
+from relay_agents.core.config import Endpoint, identity
 from relay_agents.policies import TokenLogprob
 from relay_agents.prompts import ChatTemplate, Message, instruct_messages
 from relay_agents.protocol import CALL_CLOSE, CALL_OPEN

@@ -58,7 +58,7 @@ from relay_agents.budgets.store import (
     user_key,
 )
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
-from relay_agents.config import RelayConfig, identity
+from relay_agents.core.config import RelayConfig, identity
 from relay_agents.policies import TurnPlan
 from relay_agents.prompts import protocol_messages, to_openai_messages
 from relay_agents.protocol import CleanTextFilter

@@ -18,7 +18,7 @@ from relay_agents.answer import (
     teacher_request,
 )
 from relay_agents.clients import Generation
-from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.protocol import (
     CleanTextFilter,
     call_ratio,

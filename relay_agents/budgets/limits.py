@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 from relay_agents.protocol import CallGrant, grant_call
 
 ScopeKind = Literal["turn", "conversation", "user"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay_agents.budgets.limits import CallQuote, ScopedGrant, ScopeKind, Spend, grant_across
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 
 
 class BudgetExceeded(RuntimeError):

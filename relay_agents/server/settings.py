@@ -1,6 +1,6 @@
 """Settings of the HTTP server itself (address, API keys, request limits).
 
-They live apart from :class:`~relay_agents.config.RelayConfig`, which describes the relay:
+They live apart from :class:`~relay_agents.core.config.RelayConfig`, which describes the relay:
 the same relay configuration can be served, benchmarked or used as a library. Values come
 from keyword arguments (the CLI flags), then ``RELAY_SERVER_*`` variables and
 ``RELAY_API_KEYS``, then the ``[server]`` table of the config file, then the defaults.

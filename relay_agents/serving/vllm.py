@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from relay_agents.cache import cache_root
 
 if TYPE_CHECKING:
-    from relay_agents.config import RelayConfig
+    from relay_agents.core.config import RelayConfig
 
 INSTALL_HINT = "pip install 'relay-agents[cpu]'"
 #: Tiny-world answers are ~40 tokens; the servers' context is 512 tokens.
@@ -366,7 +366,7 @@ class TinyPairServers:
     def relay_config(self, **overrides: Any) -> RelayConfig:
         """A relay config for this pair: completions API, the models' own chat template,
         greedy decoding, and an answer cap that fits the servers' context."""
-        from relay_agents.config import Endpoint, RelayConfig
+        from relay_agents.core.config import Endpoint, RelayConfig
 
         def endpoint(server: VLLMServer, model_dir: Path) -> Endpoint:
             return Endpoint(

@@ -27,7 +27,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from relay_agents.budgets import BudgetExceeded, BudgetStore, conversation_key, open_budget_store
 from relay_agents.budgets.store import default_store_path
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.graph import (
     DEFAULT_HISTORY_MESSAGES,
     TUTOR_SYSTEM_PROMPT,

@@ -10,7 +10,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from relay_agents.answer import budget_state
 from relay_agents.budgets.limits import Spend
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 
 BUDGET_SPENT = "The teacher budget of this conversation is spent: the student answers alone from here."
 
