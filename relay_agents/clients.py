@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from relay_agents.core.config import Endpoint, identity
+from relay_agents.core.config import Endpoint, digest
 from relay_agents.policies import TokenLogprob
 from relay_agents.prompts import ChatTemplate, Message, instruct_messages
 from relay_agents.protocol import CALL_CLOSE, CALL_OPEN
@@ -567,7 +567,7 @@ _CLIENTS: dict[str, EndpointClient] = {}
 
 def client_for(endpoint: Endpoint) -> EndpointClient:
     """The shared client of an endpoint: every graph on the same endpoint reuses its pool."""
-    key = identity(endpoint)
+    key = digest(endpoint)
     client = _CLIENTS.get(key)
     if client is None:
         client = _CLIENTS[key] = EndpointClient(endpoint)

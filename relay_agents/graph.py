@@ -58,7 +58,7 @@ from relay_agents.budgets.store import (
     user_key,
 )
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, Generation, client_for
-from relay_agents.core.config import RelayConfig, identity
+from relay_agents.core.config import ByDigest, RelayConfig
 from relay_agents.policies import TurnPlan
 from relay_agents.prompts import protocol_messages, to_openai_messages
 from relay_agents.protocol import CleanTextFilter
@@ -444,13 +444,13 @@ def _both(func: Callable[..., Any], name: str, *, trace: bool = True) -> Runnabl
 
 
 @lru_cache(maxsize=64)
-def _shared_graph(config_key: str) -> CompiledStateGraph:
-    return build_relay_graph(RelayConfig.model_validate_json(config_key))
+def _shared_graph(key: ByDigest[RelayConfig]) -> CompiledStateGraph:
+    return build_relay_graph(key.config)
 
 
 def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
     """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
-    return _shared_graph(identity(config))
+    return _shared_graph(ByDigest(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:

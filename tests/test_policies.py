@@ -139,7 +139,7 @@ def test_bad_policies_name_the_field() -> None:
 
 def test_config_round_trips_through_json() -> None:
     original = config(policy=RandomPolicy(rate=0.2, seed=7, call_tokens=3), target_teacher_share=0.1)
-    # the shared graph is keyed and rebuilt this way (relay_agents.graph.shared_relay_graph)
+    # the shared graphs and clients are keyed by this JSON's sha256 (relay_agents.core.config.digest)
     assert RelayConfig.model_validate_json(identity(original)) == original
 
 
