@@ -14,7 +14,8 @@ from relay_agents.api import (
     stream_relay,
 )
 from relay_agents.chat_model import ChatRelay
-from relay_agents.config import Budget, ConfigError, Endpoint, RelayConfig, load_config
+from relay_agents.config import ConfigError, load_config
+from relay_agents.core.config import Budget, Endpoint, RelayConfig
 from relay_agents.core.policies import (
     CommandPolicy,
     ConfidencePolicy,

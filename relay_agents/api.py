@@ -14,7 +14,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel
 
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.core.result import BudgetState, RelayEvent, RelayRecord, RelayUsage, Source, Span
 from relay_agents.graph import (
     RelayContext,

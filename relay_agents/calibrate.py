@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.core.policies import ConfidencePolicy, Policy
 
 #: The default threshold grid (probabilities of the sampled token).

@@ -49,7 +49,7 @@ from langchain_core.utils import secret_from_env
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
-from relay_agents.config import Endpoint, RelayConfig
+from relay_agents.core.config import Endpoint, RelayConfig
 from relay_agents.graph import (
     RelayContext,
     ThreadedDeltas,

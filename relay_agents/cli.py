@@ -14,7 +14,8 @@ from rich.console import Console
 
 from relay_agents.api import RelayResult, astream_relay
 from relay_agents.calibrate import calibrate_command
-from relay_agents.config import CONFIG_FILE_VAR, ConfigError, RelayConfig, load_config
+from relay_agents.config import CONFIG_FILE_VAR, ConfigError, load_config
+from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.command import tutor as tutor_command
 
 app = typer.Typer(help="Relay decoding: a small student model calls a large teacher for hard steps.")

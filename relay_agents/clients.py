@@ -25,7 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from relay_agents.config import Endpoint, identity
+from relay_agents.core.config import Endpoint, digest
 from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
 from relay_agents.core.types import Generation, Request, TokenLogprob
 from relay_agents.prompts import ChatTemplate, instruct_messages
@@ -535,7 +535,7 @@ _CLIENTS: dict[str, EndpointClient] = {}
 
 def client_for(endpoint: Endpoint) -> EndpointClient:
     """The shared client of an endpoint: every graph on the same endpoint reuses its pool."""
-    key = identity(endpoint)
+    key = digest(endpoint)
     client = _CLIENTS.get(key)
     if client is None:
         client = _CLIENTS[key] = EndpointClient(endpoint)

@@ -42,7 +42,6 @@ from relay_agents.budgets import (
     user_key,
 )
 from relay_agents.clients import STREAM_ERRORS, EndpointClient, client_for
-from relay_agents.config import RelayConfig, identity
 from relay_agents.core.answer import (
     AnswerState,
     Delta,
@@ -64,6 +63,7 @@ from relay_agents.core.answer import (
     student_request,
     teacher_request,
 )
+from relay_agents.core.config import ByDigest, RelayConfig
 from relay_agents.core.grants import ScopeKind, Spend, has_limits
 from relay_agents.core.policies import TurnPlan
 from relay_agents.core.protocol import CleanTextFilter
@@ -523,13 +523,13 @@ class _Step(Runnable[Any, Any]):
 
 
 @lru_cache(maxsize=64)
-def _shared_graph(config_key: str) -> CompiledStateGraph:
-    return build_relay_graph(RelayConfig.model_validate_json(config_key))
+def _shared_graph(key: ByDigest[RelayConfig]) -> CompiledStateGraph:
+    return build_relay_graph(key.config)
 
 
 def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
     """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
-    return _shared_graph(identity(config))
+    return _shared_graph(ByDigest(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 from playwright.sync_api import sync_playwright
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 from relay_agents.serving import VLLMServer
 from relay_agents.testing.browser import launch_chromium
 from relay_agents.tiny import tasks

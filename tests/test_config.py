@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from relay_agents import ConfigError, RelayConfig, load_config
+from relay_agents import ConfigError, load_config
+from relay_agents.core.config import ByDigest, digest
 
 ENV = {
     "RELAY_STUDENT_BASE_URL": "http://127.0.0.1:8001/v1",
@@ -24,7 +26,7 @@ ENV = {
 
 
 def test_from_environment() -> None:
-    config = RelayConfig.from_env(ENV)
+    config = load_config(env=ENV)
     assert config.student.base_url == "http://127.0.0.1:8001/v1"
     assert config.student.api == "chat"
     assert config.student.api_key.get_secret_value() == "sk-student"
@@ -38,8 +40,8 @@ def test_from_environment() -> None:
 
 
 def test_budget_scopes_and_store_from_environment() -> None:
-    config = RelayConfig.from_env(
-        {
+    config = load_config(
+        env={
             **ENV,
             "RELAY_BUDGET_STORE": "postgresql://relay@db/relay",
             "RELAY_USER_BUDGET_MAX_COST_USD": "5",
@@ -132,3 +134,14 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 def test_user_template_needs_the_question() -> None:
     with pytest.raises(ConfigError, match="user_template"):
         load_config(None, env={**ENV, "RELAY_USER_TEMPLATE": "Solve it."})
+
+
+def test_shared_graphs_and_clients_are_keyed_without_the_secrets() -> None:
+    config = load_config(env=ENV)
+    other_key = config.model_copy(
+        update={"teacher": config.teacher.model_copy(update={"api_key": SecretStr("sk-x")})}
+    )
+    assert "sk-teacher" not in digest(config) and "sk-student" not in digest(config.student)
+    assert digest(config) != digest(other_key)  # still one graph per key
+    assert ByDigest(config) == ByDigest(load_config(env=ENV)) != ByDigest(other_key)
+    assert hash(ByDigest(config)) == hash(ByDigest(load_config(env=ENV)))

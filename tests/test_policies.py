@@ -18,7 +18,8 @@ from relay_agents import (
     load_config,
 )
 from relay_agents.clients import _Collector, parse_logprobs
-from relay_agents.config import ConfigError, identity
+from relay_agents.config import ConfigError
+from relay_agents.core.config import identity
 from relay_agents.core.policies import AnswerSoFar, plan_turn, share_gate, top_entropy
 from relay_agents.core.types import TokenLogprob
 

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay_agents.config import Budget, RelayConfig
 from relay_agents.core.answer import (
     finish_student_turn,
     finish_teacher_call,
@@ -18,6 +17,7 @@ from relay_agents.core.answer import (
     student_request,
     teacher_request,
 )
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.core.grants import Blocked, BudgetLimit, CallQuote, Limit, Spend, TokenCap, grant
 from relay_agents.core.protocol import (
     CleanTextFilter,

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 from relay_agents.core.grants import BudgetLimit, CallQuote, Grant, ScopeKind, Spend, grant
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.core.grants import (
     Blocked,
     BudgetLimit,

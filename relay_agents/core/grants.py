@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 
 ScopeKind = Literal["turn", "conversation", "user"]
 DeclineReason = Literal[

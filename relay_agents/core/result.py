@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 from relay_agents.core.grants import ScopeKind, Spend, exhausted, remaining
 
 Source = Literal["student", "teacher"]

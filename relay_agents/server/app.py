@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from relay_agents.api import RelayResult, arelay, astream_relay
 from relay_agents.budgets import close_budget_stores, open_budget_store
-from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.server.answers import StreamRenderer, chat_completion, text_completion
 from relay_agents.server.errors import APIError, failure, invalid_request
 from relay_agents.server.metrics import Metrics

@@ -1,6 +1,6 @@
 """Settings of the HTTP server itself (address, API keys, request limits).
 
-They live apart from :class:`~relay_agents.config.RelayConfig`, which describes the relay:
+They live apart from :class:`~relay_agents.core.config.RelayConfig`, which describes the relay:
 the same relay configuration can be served, benchmarked or used as a library. Values come
 from keyword arguments (the CLI flags), then ``RELAY_SERVER_*`` variables and
 ``RELAY_API_KEYS``, then the ``[server]`` table of the config file, then the defaults.
@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from relay_agents.config import CONFIG_FILE_VAR, SERVER_TABLE, ConfigError
+from relay_agents.settings import SERVER_TABLE, load_settings
 
 SERVER_ENV_PREFIX = "RELAY_SERVER_"
 API_KEYS_VAR = "RELAY_API_KEYS"
@@ -69,38 +68,19 @@ class ServerSettings(BaseModel):
         """Defaults < the ``[server]`` table of ``config_file`` (default: ``RELAY_CONFIG``) <
         ``RELAY_SERVER_*`` / ``RELAY_API_KEYS`` < ``overrides`` (``None`` is skipped).
 
-        Raises :class:`~relay_agents.config.ConfigError` naming the field and where it came from.
+        Raises :class:`~relay_agents.settings.ConfigError` naming the field and where it came from.
         """
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        path = config_file if config_file is not None else env.get(CONFIG_FILE_VAR) or None
-        if path is not None:
-            try:
-                with open(path, "rb") as fh:
-                    table = tomllib.load(fh).get(SERVER_TABLE, {})
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: [{SERVER_TABLE}] must be a table")
-            values.update(table)
-            sources.update({field: f"{path} [{SERVER_TABLE}]" for field in table})
-        for name, raw in env.items():
-            if name.startswith(SERVER_ENV_PREFIX):
-                field = name[len(SERVER_ENV_PREFIX) :].lower()
-                values[field], sources[field] = raw, name
-        if API_KEYS_VAR in env:
-            values["api_keys"], sources["api_keys"] = env[API_KEYS_VAR], API_KEYS_VAR
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                field = ".".join(str(p) for p in err["loc"])
-                where = sources.get(field.split(".")[0], "argument")
-                problems.append(f"{field} ({where}): {err['msg']}")
-            raise ConfigError("invalid server settings: " + "; ".join(problems)) from None
+        return load_settings(
+            cls,
+            path=config_file,
+            env=os.environ if env is None else env,
+            prefix=SERVER_ENV_PREFIX,
+            table=SERVER_TABLE,
+            variables={API_KEYS_VAR: "api_keys"},
+            ignore_unknown=False,
+            overrides={k: v for k, v in overrides.items() if v is not None},
+            what="server settings",
+        )
 
     def key_pool(self, key: str) -> str | None:
         """The budget pool of a presented key (``key:<short sha256>``), or None if it is not valid.

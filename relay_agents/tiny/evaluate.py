@@ -162,14 +162,14 @@ SETTINGS = ("student_alone", "teacher_free", "relay", "teacher_alone")
 
 
 def tiny_configs(servers, solo, *, temperature: float = 0.0, seed: int | None = None) -> dict[str, Any]:
-    """The four settings' :class:`~relay_agents.config.RelayConfig` for the tiny servers.
+    """The four settings' :class:`~relay_agents.core.config.RelayConfig` for the tiny servers.
 
     ``servers`` is a started :class:`~relay_agents.tiny.servers.TinyPairServers`, ``solo`` a
     started :class:`~relay_agents.serving.VLLMServer` for ``pair.solo_dir`` (``None``:
     no ``student_alone`` row). ``temperature``/``seed`` go on every endpoint (vLLM takes
     the seed per request, so sampled runs are reproducible).
     """
-    from relay_agents.config import Endpoint
+    from relay_agents.core.config import Endpoint
 
     sampling = {"temperature": temperature, "seed": seed}
     base = servers.relay_config()

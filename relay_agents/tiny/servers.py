@@ -13,7 +13,7 @@ from relay_agents.serving import VLLMServer, default_log_dir
 from relay_agents.serving.process import install_stop_handlers
 
 if TYPE_CHECKING:
-    from relay_agents.config import RelayConfig
+    from relay_agents.core.config import RelayConfig
     from relay_agents.tiny.build import TinyPair
 
 #: Tiny-world answers are ~40 tokens; the servers' context is 512 tokens.
@@ -55,7 +55,7 @@ class TinyPairServers:
     def relay_config(self, **overrides: Any) -> RelayConfig:
         """A relay config for this pair: completions API, the models' own chat template,
         greedy decoding, and an answer cap that fits the servers' context."""
-        from relay_agents.config import Endpoint, RelayConfig
+        from relay_agents.core.config import Endpoint, RelayConfig
 
         def endpoint(server: VLLMServer, model_dir: Path) -> Endpoint:
             return Endpoint(

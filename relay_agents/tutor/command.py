@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from relay_agents.config import CONFIG_FILE_VAR, Budget, ConfigError, RelayConfig, load_config
+from relay_agents.config import CONFIG_FILE_VAR, ConfigError, load_config
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.tutor.service import TutorOptions, UnknownConversation
 
 #: Teacher tokens per conversation on the tiny world: five problems' hard steps (4 tokens each).

@@ -21,7 +21,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 
-from relay_agents.config import Budget, RelayConfig
+from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.core.grants import has_limits
 from relay_agents.graph import RelayContext, build_relay_graph, conversation_id
 

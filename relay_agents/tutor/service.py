@@ -32,7 +32,7 @@ from relay_agents.budgets import (
     default_store_path,
     open_budget_store,
 )
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.graph import (
     DEFAULT_HISTORY_MESSAGES,
     TUTOR_SYSTEM_PROMPT,

@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
-from relay_agents.config import Budget
+from relay_agents.core.config import Budget
 from relay_agents.core.grants import Spend
 from relay_agents.core.result import BudgetState, RelayRecord
 

@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.staticfiles import StaticFiles
 
 from relay_agents.budgets import close_budget_stores
-from relay_agents.config import RelayConfig
+from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.service import (
     ConversationBusy,
     Event,
