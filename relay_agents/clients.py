@@ -1,7 +1,7 @@
 """The I/O edge: one pooled client per endpoint, generations with retries.
 
-The sync path uses the openai SDK; the async path posts through :mod:`relay_agents.transport`
-(aiohttp, the SDK's error types), which costs a quarter of the SDK's CPU per request. A
+Both paths post through :mod:`relay_agents.transport` (pooled httpx2 for sync, aiohttp for
+async; the SDK's error types), and the async one costs a quarter of the SDK's CPU per request. A
 generation is retried with tenacity only until its first chunk arrives: a stream is never
 retried after its first token, because tokens would be emitted twice. The SDK's own retries
 are off.
@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import httpx2
 import openai
 from tenacity import (
     AsyncRetrying,
@@ -29,7 +28,7 @@ from relay_agents.core.config import Endpoint, digest
 from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
 from relay_agents.core.types import Generation, Request, TokenLogprob
 from relay_agents.prompts import ChatTemplate, instruct_messages
-from relay_agents.transport import AsyncTransport
+from relay_agents.transport import AsyncTransport, SyncTransport
 
 OnText = Callable[[str], None]
 #: Called with each generated token (its index in the reply, its log-probabilities); True
@@ -41,8 +40,8 @@ CALL_TAGS = (CALL_OPEN, CALL_CLOSE)
 #: Prompts rendered by the server (``/tokenize`` + ``/detokenize``) kept per client.
 SERVER_PROMPT_CACHE_SIZE = 1024
 
-#: What a broken or garbled stream raises: SDK errors, transport errors, bad JSON.
-STREAM_ERRORS: tuple[type[Exception], ...] = (openai.APIError, httpx2.HTTPError, ValueError)
+#: What a broken or garbled stream raises: the SDK's errors (both transports raise them), bad JSON.
+STREAM_ERRORS: tuple[type[Exception], ...] = (openai.APIError, ValueError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -212,12 +211,15 @@ class EndpointClient:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self._sync: openai.OpenAI | None = None
-        self.transport = AsyncTransport(
+        key, timeouts = (
             endpoint.api_key.get_secret_value(),
-            timeout=endpoint.timeout,
-            connect_timeout=endpoint.connect_timeout,
+            {
+                "timeout": endpoint.timeout,
+                "connect_timeout": endpoint.connect_timeout,
+            },
         )
+        self.sync_transport = SyncTransport(key, **timeouts)
+        self.transport = AsyncTransport(key, **timeouts)
         self._template: ChatTemplate | None = None
         if endpoint.chat_template:
             self._template = ChatTemplate(endpoint.chat_template)
@@ -226,24 +228,8 @@ class EndpointClient:
         self._call_token_ids: list[int] | None = None
         self._server_prompts: OrderedDict[str, str] = OrderedDict()
 
-    # -- clients --------------------------------------------------------------------
-
-    @property
-    def sync_client(self) -> openai.OpenAI:
-        if self._sync is None:
-            ep = self.endpoint
-            self._sync = openai.OpenAI(
-                base_url=ep.base_url,
-                api_key=ep.api_key.get_secret_value(),
-                timeout=httpx2.Timeout(ep.timeout, connect=ep.connect_timeout),
-                max_retries=0,
-            )
-        return self._sync
-
     def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        self.sync_transport.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -294,15 +280,9 @@ class EndpointClient:
             return local
         key = self._prompt_key(request)
         if key not in self._server_prompts:
-            client = self.sync_client
-            ids = client.post(
-                f"{self._root_url()}/tokenize", body=self._tokenize_body(request), cast_to=object
-            )
-            text = client.post(
-                f"{self._root_url()}/detokenize",
-                body={"model": self.endpoint.model, "tokens": ids["tokens"]},
-                cast_to=object,
-            )
+            post, root = self.sync_transport.post_json, self._root_url()
+            ids = post(f"{root}/tokenize", self._tokenize_body(request))
+            text = post(f"{root}/detokenize", {"model": self.endpoint.model, "tokens": ids["tokens"]})
             self._remember_prompt(key, text["prompt"])
         return self._server_prompts[key]
 
@@ -338,11 +318,8 @@ class EndpointClient:
     def call_token_ids(self) -> list[int]:
         """Token ids of ``<call>`` and ``</call>`` in the server's vocabulary (for logit_bias)."""
         if self._call_token_ids is None:
-            client, root = self.sync_client, self._root_url()
-            tokenized = [
-                client.post(f"{root}/tokenize", body=self._tag_body(t), cast_to=object)["tokens"]
-                for t in CALL_TAGS
-            ]
+            post, root = self.sync_transport.post_json, self._root_url()
+            tokenized = [post(f"{root}/tokenize", self._tag_body(t))["tokens"] for t in CALL_TAGS]
             self._call_token_ids = self._tag_ids(tokenized)
         return self._call_token_ids
 
@@ -410,19 +387,6 @@ class EndpointClient:
             api = "chat"
         return api, {**kwargs, **extra}
 
-    @staticmethod
-    def _sdk_kwargs(api: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``body`` as SDK arguments: only the required ones typed, the rest in ``extra_body``.
-
-        The SDK type-walks every typed argument of every request (about 0.4 ms of CPU), while
-        ``extra_body`` is sent as the plain JSON it already is. The request on the wire is the same.
-        """
-        required = ("model", "prompt" if api == "completions" else "messages")
-        return {
-            **{name: body[name] for name in required},
-            "extra_body": {k: v for k, v in body.items() if k not in required},
-        }
-
     def _url(self, api: str) -> str:
         return f"{self.endpoint.base_url}/{'completions' if api == 'completions' else 'chat/completions'}"
 
@@ -457,24 +421,21 @@ class EndpointClient:
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
+        url, transport = self._url(api), self.sync_transport
         if self._whole(request, on_text):
-            whole = self.sync_client.with_raw_response
-            create_whole = whole.completions.create if api == "completions" else whole.chat.completions.create
             collector = _Collector(None, watch)
             for attempt in Retrying(**self._retry_args()):
                 with attempt:
-                    reply = create_whole(**self._sdk_kwargs(api, self._unstreamed(body))).http_response.json()
+                    reply = transport.post_json(url, self._unstreamed(body))
             collector.add(reply)
             return collector.result()
-        raw = self.sync_client.with_streaming_response
-        create = raw.completions.create if api == "completions" else raw.chat.completions.create
         collector = _Collector(self._trim_limit(request), watch)
         for attempt in Retrying(**self._retry_args()):
             with attempt:
-                opened = create(**self._sdk_kwargs(api, body))
+                opened = transport.post(url, body)
                 response = opened.__enter__()
                 try:
-                    lines = response.iter_lines()
+                    lines = iter(transport.lines(response, url))
                     _emit(collector.add_line(next(lines, "data: [DONE]")), on_text)
                 except BaseException:
                     opened.__exit__(None, None, None)

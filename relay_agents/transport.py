@@ -1,4 +1,9 @@
-"""Async HTTP to one endpoint: a pooled aiohttp session per event loop, the SDK's error types.
+"""HTTP to one endpoint, sync and async, with one error mapping: the SDK's error types.
+
+Both transports have the same three operations (``post_json``, ``post`` for an open 2xx
+response, ``lines`` of a streamed body) and raise the same exceptions, so the client's code
+above them is written once. The async one is a pooled aiohttp session per event loop; the
+sync one a pooled ``httpx2.Client`` (the HTTP library the openai SDK itself uses).
 
 The openai SDK builds every request through httpx models, auth hooks and a type-walk of its
 arguments: about 0.47 ms of CPU per request, against 0.11 ms for the same POST on aiohttp
@@ -14,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -62,7 +68,7 @@ def status_error(status: int, content: bytes, headers: Mapping[str, str], url: s
 def connection_error(exc: BaseException, url: str) -> openai.APIConnectionError:
     """A transport failure as the SDK reports it: a timeout, or a connection error."""
     request = httpx2.Request("POST", url)
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError | httpx2.TimeoutException):
         return openai.APITimeoutError(request)
     return openai.APIConnectionError(
         message=f"Connection error: {exc}" if str(exc) else "Connection error.", request=request
@@ -71,16 +77,77 @@ def connection_error(exc: BaseException, url: str) -> openai.APIConnectionError:
 
 #: What a request or a stream raises before :func:`connection_error` names it.
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+SYNC_TRANSPORT_ERRORS = (httpx2.TransportError,)
+
+
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}", "User-Agent": "relay-agents"}
+
+
+class SyncTransport:
+    """POSTs JSON to one endpoint from any thread; one pooled client, made on first use."""
+
+    def __init__(self, api_key: str, *, timeout: float, connect_timeout: float) -> None:
+        self._api_key = api_key
+        self._timeout = httpx2.Timeout(timeout, connect=connect_timeout)
+        self._client: httpx2.Client | None = None
+        self._lock = threading.Lock()
+
+    def _session(self) -> httpx2.Client:
+        with self._lock:
+            if self._client is None:
+                limits = httpx2.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S)
+                headers = _headers(self._api_key)
+                self._client = httpx2.Client(headers=headers, timeout=self._timeout, limits=limits)
+            return self._client
+
+    def post_json(self, url: str, body: dict[str, Any]) -> Any:
+        """The decoded JSON answer to one POST (a non-JSON answer raises ``ValueError``)."""
+        with self.post(url, body) as response:
+            try:
+                content = response.read()
+            except SYNC_TRANSPORT_ERRORS as exc:
+                raise connection_error(exc, url) from exc
+        return json.loads(content)
+
+    @contextlib.contextmanager
+    def post(self, url: str, body: dict[str, Any]) -> Iterator[httpx2.Response]:
+        """An open response with a 2xx status; its body is read (or streamed) by the caller."""
+        try:
+            opened = self._session().stream("POST", url, json=body)
+            response = opened.__enter__()
+        except SYNC_TRANSPORT_ERRORS as exc:
+            raise connection_error(exc, url) from exc
+        try:
+            if response.status_code >= 400:
+                try:
+                    content = response.read()
+                except SYNC_TRANSPORT_ERRORS as exc:
+                    raise connection_error(exc, url) from exc
+                raise status_error(response.status_code, content, response.headers, url)
+            yield response
+        finally:
+            opened.__exit__(None, None, None)
+
+    def lines(self, response: httpx2.Response, url: str) -> Iterator[str]:
+        """The lines of a streamed (SSE) body, as text."""
+        try:
+            yield from response.iter_lines()
+        except SYNC_TRANSPORT_ERRORS as exc:
+            raise connection_error(exc, url) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
 
 
 class AsyncTransport:
     """POSTs JSON to one endpoint; one connection pool per event loop, closed with its loop."""
 
     def __init__(self, api_key: str, *, timeout: float, connect_timeout: float) -> None:
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "User-Agent": "relay-agents",
-        }
+        self._headers = _headers(api_key)
         # ``timeout`` bounds each read (a stream's next chunk), as httpx's read timeout does.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=timeout)
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
