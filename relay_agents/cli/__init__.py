@@ -15,7 +15,10 @@ from relay_agents.cli.serve import serve
 from relay_agents.cli.tutor import tutor
 
 app = typer.Typer(help="Relay decoding: a small student model calls a large teacher for hard steps.")
-for command in (ask, demo, serve, tutor, calibrate):
-    app.command()(command)
+app.command()(ask)
+app.command()(demo)
+app.command()(serve)
+app.command()(tutor)
+app.command()(calibrate)
 
 __all__ = ["app"]
