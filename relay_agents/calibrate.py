@@ -6,8 +6,8 @@ interval, the random rate), so a sweep over a grid, refined by bisection between
 settings whose shares bracket the target, finds the setting that buys the requested share of
 teacher tokens. Every point of the curve is measured through the relay engine itself.
 
-``relay-agents calibrate`` (:func:`main`) does this for :class:`ConfidencePolicy` and writes
-the chosen threshold into the config file's ``[policy]`` table.
+``relay-agents calibrate`` does this for :class:`ConfidencePolicy` (:func:`confidence_builder`)
+and writes the chosen threshold into the config file's ``[policy]`` table (:func:`write_policy`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from relay_agents.core.config import RelayConfig
 from relay_agents.core.policies import ConfidencePolicy, Policy
@@ -203,119 +201,3 @@ def confidence_builder(config: RelayConfig) -> Callable[[float], RelayConfig]:
         return config.model_copy(update={"policy": base.model_copy(update={"threshold": threshold})})
 
     return build
-
-
-# --------------------------------------------------------------------------- the command
-
-
-def run_command(
-    config: RelayConfig,
-    *,
-    target_share: float,
-    dev: str,
-    count: int | None,
-    thresholds: Sequence[float] | None,
-    refine: int,
-    output: Path | None,
-    concurrency: int,
-) -> int:
-    """``relay-agents calibrate``: print the share/accuracy curve, save the chosen threshold."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    problems = load_dev_set(dev, count)
-    grid = sorted(thresholds or DEFAULT_THRESHOLDS)
-    console.print(
-        f"calibrating the confidence threshold to {target_share:.1%} teacher tokens on "
-        f"{len(problems)} development problems ({dev}); {len(grid)} thresholds, {refine} refinements"
-    )
-
-    def progress(point: Point) -> None:
-        console.print(
-            f"  threshold {point.value:.4g}: share {point.share:.1%}, accuracy {point.accuracy:.1%}",
-            style="dim",
-        )
-
-    curve, chosen = asyncio.run(
-        calibrate(
-            confidence_builder(config),
-            grid,
-            target_share,
-            problems,
-            refine=refine,
-            concurrency=concurrency,
-            on_point=progress,
-        )
-    )
-    table = Table(title="teacher-token share and accuracy by threshold")
-    for name in ("threshold", "teacher share", "accuracy", "calls", "errors"):
-        table.add_column(name, justify="right")
-    for point in curve:
-        mark = " <" if point is chosen else ""
-        table.add_row(
-            f"{point.value:.4g}{mark}",
-            f"{point.share:.1%}",
-            f"{point.accuracy:.1%}",
-            str(point.teacher_calls),
-            str(point.errors),
-        )
-    console.print(table)
-    policy = confidence_builder(config)(chosen.value).policy
-    console.print(
-        f"chosen: threshold {chosen.value:.4g} (share {chosen.share:.1%}, target {target_share:.1%}, "
-        f"accuracy {chosen.accuracy:.1%})"
-    )
-    if output is None:
-        console.print(policy_table(policy))
-        console.print("[yellow]no config file to save into: pass --output or --config[/yellow]")
-        return 0
-    write_policy(output, policy)
-    console.print(f"saved into {output} ([policy] table)")
-    return 0
-
-
-def calibrate_command(
-    target_share: Annotated[
-        float, typer.Option("--target-share", "-t", min=0.0, max=1.0, help="Teacher-token share to reach.")
-    ],
-    config_file: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="TOML config file; RELAY_* environment variables override it."),
-    ] = None,
-    dev: Annotated[
-        str, typer.Option(help="Development set: 'tiny' or a JSON Lines file of {question, answer}.")
-    ] = "tiny",
-    count: Annotated[
-        int | None, typer.Option("--count", "-n", min=1, help="Use the first N problems.")
-    ] = None,
-    thresholds: Annotated[
-        str | None, typer.Option(help="Comma-separated thresholds to sweep (default: 0.02 ... 0.95).")
-    ] = None,
-    refine: Annotated[int, typer.Option(min=0, help="Bisection steps after the sweep.")] = 3,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Config file to save into (default: --config).")
-    ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Answers relayed at once.")] = 16,
-) -> None:
-    """Pick the confidence threshold that reaches a target teacher-token share on a development
-    set; print the share/accuracy curve and save the chosen [policy] into the config file."""
-    from relay_agents.cli import _load
-
-    config = _load(config_file)
-    try:
-        grid = [float(v) for v in thresholds.split(",")] if thresholds else None
-        code = run_command(
-            config,
-            target_share=target_share,
-            dev=dev,
-            count=count,
-            thresholds=grid,
-            refine=refine,
-            output=output or config_file,
-            concurrency=concurrency,
-        )
-    except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(code)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import typer
+
+import relay_agents
+from relay_agents.cli import app
 from relay_agents.testing import ScriptedServer
 from tests.conftest import CHATML
 
@@ -32,6 +37,52 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
+COMMANDS = {"ask", "demo", "serve", "tutor", "calibrate"}
+#: What the relay itself imports; the command line loads them only when a command runs.
+HEAVY_MODULES = ("langgraph", "langchain_core", "openai", "fastapi", "uvicorn", "relay_agents.api")
+
+
+def test_help_lists_every_command_with_a_one_sentence_summary() -> None:
+    assert set(typer.main.get_command(app).commands) == COMMANDS  # type: ignore[attr-defined]
+    out = run([CLI, "--help"], {**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    summaries = dict(re.findall(r"^│ (\w+) +(\S.*?) *│$", out.stdout, re.MULTILINE))
+    assert set(summaries) == COMMANDS, out.stdout
+    for command, summary in summaries.items():
+        assert summary.endswith(".") and summary.count(". ") == 0, (command, summary)
+
+
+def test_calibrate_help_shows_the_policy_table() -> None:
+    out = run([CLI, "calibrate", "--help"], {**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "config file's [policy] table" in out.stdout
+
+
+def test_the_command_line_loads_the_relay_only_when_a_command_runs() -> None:
+    script = (
+        "import sys\n"
+        "from relay_agents.cli import app\n"
+        "loaded = [m for m in HEAVY if m in sys.modules]\n"
+        "for args in [['--help']] + [[command, '--help'] for command in COMMANDS]:\n"
+        "    try:\n"
+        "        app(args, prog_name='relay-agents')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    loaded += [m for m in HEAVY if m in sys.modules]\n"
+        "print('loaded:', sorted(set(loaded)), file=sys.stderr)\n"
+    )
+    setup = f"HEAVY = {HEAVY_MODULES!r}\nCOMMANDS = {sorted(COMMANDS)!r}\n"
+    out = run([sys.executable, "-c", setup + script], dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert "loaded: []" in out.stderr
+
+
+def test_every_public_name_loads() -> None:
+    for name in relay_agents.__all__:
+        assert getattr(relay_agents, name).__module__.startswith("relay_agents."), name
+    assert set(relay_agents.__all__) <= set(dir(relay_agents))
+
+
 def test_ask_prints_the_answer_and_usage(scripted: ScriptedServer, tmp_path: Path) -> None:
     scripted.script("student", "Q-cli", ["So 12*34 = <call>3</call>", ". \\boxed{408}"])
     scripted.script("teacher", "Q-cli", [" 408 and so on"])
@@ -39,7 +90,7 @@ def test_ask_prints_the_answer_and_usage(scripted: ScriptedServer, tmp_path: Pat
     out = run([CLI, "ask", "Q-cli", "--config", env["RELAY_CONFIG"]], env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "So 12*34 = 408. \\boxed{408}"
-    assert "teacher 3 tokens in 1 calls" in out.stderr
+    assert "teacher 3 tokens in 1 call (" in out.stderr
 
 
 def test_ask_json(scripted: ScriptedServer, tmp_path: Path) -> None:

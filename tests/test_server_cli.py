@@ -79,7 +79,7 @@ def test_serve_answers_openai_clients_and_stops_on_sigterm(scripted: ScriptedSer
         _, stderr = proc.communicate(timeout=15)
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why
     assert proc.returncode == -signal.SIGTERM and "Traceback" not in stderr, stderr
-    assert "serving model 'relay-tiny' on http://127.0.0.1:" in stderr and "1 API keys" in stderr
+    assert "serving model 'relay-tiny' on http://127.0.0.1:" in stderr and "; 1 API key)" in stderr
 
 
 @pytest.mark.parametrize(("variable", "value"), [("PORT", "eighty"), ("WORKERS", "0")])
