@@ -82,6 +82,10 @@ class RelayResult(BaseModel):
     """The conversation's budget after this answer."""
     user_budget: BudgetState | None = None
     """The user's pooled budget after this answer, when the call named a ``user``."""
+    enable_thinking: bool = False
+    """The thinking mode the prompts were rendered with (results differ with it)."""
+    preset: str | None = None
+    """The preset the config came from (``published``), if any."""
     message: AIMessage
 
     @classmethod
@@ -96,6 +100,8 @@ class RelayResult(BaseModel):
             events=meta["events"],
             budget=meta["budget"],
             user_budget=meta.get("user_budget"),
+            enable_thinking=meta.get("enable_thinking", False),
+            preset=meta.get("preset"),
             message=message,
         )
 

@@ -41,8 +41,11 @@ def usage_line(result: RelayResult) -> str:
     u = result.usage
     line = (
         f"student {u.student_tokens} tokens, teacher {u.teacher_tokens} tokens in "
-        f"{u.teacher_calls} calls ({u.call_ratio:.1%} teacher), finish: {result.finish_reason}"
+        f"{u.teacher_calls} calls ({u.call_ratio:.1%} teacher), finish: {result.finish_reason}, "
+        f"thinking {'on' if result.enable_thinking else 'off'}"
     )
+    if result.preset:
+        line += f", preset {result.preset}"
     if u.cost_usd:
         line += f", cost ${u.cost_usd:.6f}"
     return line

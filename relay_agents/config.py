@@ -21,8 +21,9 @@ from pydantic import (
 )
 
 from relay_agents.core.policies import POLICY_KINDS, CommandPolicy, PolicySpec, normalise_policy_input
+from relay_agents.core.presets import PUBLISHED_PROMPT_SUFFIX, PresetName, preset_values
 
-DEFAULT_USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_USER_TEMPLATE = "{question}\n" + PUBLISHED_PROMPT_SUFFIX
 DEFAULT_INSTRUCT_TEMPLATE = (
     "Below is a partial answer to the conversation above. Continue it seamlessly from "
     "exactly where it stops. Output only the continuation: do not repeat the partial "
@@ -168,6 +169,11 @@ class RelayConfig(_Strict):
         "answer (the published evaluation scored it as a failure).",
     )
     on_teacher_failure: Literal["continue", "raise"] = "continue"
+    preset: PresetName | None = Field(
+        default=None,
+        description="The preset the values were taken from (relay_agents.core.presets); "
+        "``published``: the published evaluation's settings. Reported with results.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -191,12 +197,28 @@ class RelayConfig(_Strict):
         return value
 
     @classmethod
+    def published(
+        cls, student: Endpoint | Mapping[str, Any], teacher: Endpoint | Mapping[str, Any], **overrides: Any
+    ) -> RelayConfig:
+        """The published evaluation's settings (preset ``published``) for these endpoints;
+        ``overrides`` (and settings already made on the endpoints) win over the preset's."""
+        given = {"student": _explicit(student), "teacher": _explicit(teacher), **overrides}
+        return cls.model_validate(_merge(preset_values("published"), {**given, "preset": "published"}))
+
+    @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> RelayConfig:
         return load_config(path, env={})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RelayConfig:
         return load_config(None, env=os.environ if env is None else env)
+
+
+def _explicit(endpoint: Endpoint | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings made on an endpoint, not its defaults (a preset fills those)."""
+    if isinstance(endpoint, Endpoint):
+        return endpoint.model_dump(exclude_unset=True)
+    return dict(endpoint)
 
 
 _IDENTITIES: dict[int, str] = {}
@@ -282,6 +304,8 @@ def load_config(
 ) -> RelayConfig:
     """Load a :class:`RelayConfig` from a TOML file, then ``RELAY_*`` variables, then overrides.
 
+    A ``preset`` (file key, ``RELAY_PRESET``) supplies the values nothing else sets.
+
     The file defaults to the one named by ``RELAY_CONFIG``. Its ``[server]`` table, if any,
     is the relay server's (``relay_agents.server.ServerSettings``) and is skipped here.
 
@@ -307,6 +331,11 @@ def load_config(
     data = _merge(data, env_values)
     if overrides:
         data = _merge(data, dict(overrides))
+    if data.get("preset"):
+        try:
+            data = _merge(preset_values(str(data["preset"])), data)
+        except ValueError as exc:
+            raise ConfigError(f"preset ({sources.get('preset', origin)}): {exc}") from None
     try:
         return RelayConfig.model_validate(data)
     except ValidationError as exc:

@@ -629,6 +629,8 @@ def relay_metadata(
         "budget": budget_state(config.budget, store_spent.get("conversation") or ledger_spend(ledger)),
         "student_model": config.student.model,
         "teacher_model": config.teacher.model,
+        "enable_thinking": config.enable_thinking,
+        "preset": config.preset,
     }
     if "user" in store_spent:
         meta["user_budget"] = budget_state(config.user_budget, store_spent["user"])
