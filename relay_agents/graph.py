@@ -212,17 +212,23 @@ class _StudentTurn:
 
 
 class _TeacherCall:
-    """Emits the student's held text just before the teacher's first token."""
+    """Emits the student's held text just before the teacher's first token, and the teacher's
+    text through a clean-text filter (a teacher may write markup)."""
 
     def __init__(self, answer: AnswerState, writer: Writer) -> None:
         self.held = held_student_text(answer)
         self.writer = writer
+        self.filter = CleanTextFilter(answer_started=True)
         self.streamed = False
 
     def on_text(self, delta: str) -> None:
         self.flush_held()
         self.streamed = True
-        self.writer({"source": "teacher", "text": delta})
+        self.write(self.filter.feed(delta))
+
+    def write(self, clean: str) -> None:
+        if clean:
+            self.writer({"source": "teacher", "text": clean})
 
     def flush_held(self) -> None:
         if self.held:
@@ -384,8 +390,9 @@ class RelayNodes:
             raise failed
         if gen is not None:
             call.flush_held()
-            if gen.text and not call.streamed:
-                call.writer({"source": "teacher", "text": gen.text})
+            if not call.streamed:
+                call.write(call.filter.feed(gen.text))
+            call.write(call.filter.finish(answered_call=False))
         answer, ledger, deltas = finish_teacher_call(
             state["answer"], state["ledger"], self.config, gen, error
         )

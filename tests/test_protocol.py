@@ -20,6 +20,7 @@ from relay_agents.core.answer import (
 from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.core.grants import Blocked, BudgetLimit, CallQuote, Limit, Spend, TokenCap, grant
 from relay_agents.core.protocol import (
+    MAX_CALL_TOKENS,
     CleanTextFilter,
     call_ratio,
     clean_student_text,
@@ -43,6 +44,9 @@ from relay_agents.core.types import Generation
         ("a <call>2.5</call>", "a ", None),
         ("a </call>", "a ", None),
         ("<call>1</call> b <call>12</call>", "<call>1</call> b ", 12),
+        ("I will <call> maybe, 7*8 = <call>2</call>", "I will <call> maybe, 7*8 = ", 2),
+        ("a <call>" + "9" * 5000 + "</call>", "a ", MAX_CALL_TOKENS),
+        ("a <call>00000000000000000007</call>", "a ", 7),
     ],
 )
 def test_parse_call(text: str, prefix: str, tokens: int | None) -> None:
@@ -64,6 +68,8 @@ def test_teacher_view_replaces_commands_by_a_space_and_strips() -> None:
     view = "  Step: 12*34 = <call>2</call> 408. Then <call>3</call>x "
     assert teacher_view(view) == "Step: 12*34 =   408. Then  x"
     assert teacher_view("<call>1</call>") == ""
+    assert teacher_view("I will <call> maybe, 7*8 = <call>2</call>") == "I will <call> maybe, 7*8 ="
+    assert teacher_view("a <call>zz</call> b") == "a <call>zz</call> b"
 
 
 # --------------------------------------------------------------------------- clean text
@@ -79,6 +85,9 @@ def test_teacher_view_replaces_commands_by_a_space_and_strips() -> None:
         ("x </call>", False, "x "),
         ("cut off <call>12", False, "cut off "),
         ("mid <call>3</call>text", False, "mid text"),
+        ("I will <call> maybe, 7*8 = <call>2</call>", True, "I will maybe, 7*8 ="),
+        ("stray <call> then \\boxed{2}", False, "stray then \\boxed{2}"),
+        ("stray <call> then cut <call> 12 ", False, "stray then cut "),
     ],
 )
 def test_clean_student_text(raw: str, answered: bool, clean: str) -> None:

@@ -84,12 +84,16 @@ def plural(count: int, noun: str) -> str:
 
 
 def usage_line(result: RelayResult) -> str:
-    """One line of what an answer cost: tokens by side, teacher calls, finish reason."""
+    """One line of what an answer cost: tokens by side, teacher calls, finish reason, and the
+    thinking mode and preset (results differ with them)."""
     u = result.usage
     line = (
         f"student {plural(u.student_tokens, 'token')}, teacher {plural(u.teacher_tokens, 'token')} in "
-        f"{plural(u.teacher_calls, 'call')} ({u.call_ratio:.1%} teacher), finish: {result.finish_reason}"
+        f"{plural(u.teacher_calls, 'call')} ({u.call_ratio:.1%} teacher), finish: {result.finish_reason}, "
+        f"thinking {'on' if result.enable_thinking else 'off'}"
     )
+    if result.preset:
+        line += f", preset {result.preset}"
     if u.cost_usd:
         line += f", cost ${u.cost_usd:.6f}"
     return line

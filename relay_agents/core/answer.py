@@ -33,6 +33,7 @@ from relay_agents.core.protocol import (
     CALL_CLOSE,
     CleanTextFilter,
     call_ratio,
+    clean_teacher_text,
     parse_call,
     teacher_view,
 )
@@ -297,6 +298,14 @@ def finish_student_turn(
         _continue_or_stop(a, config, "student")
         return a, deltas
 
+    if a["student_turns"] >= config.max_student_turns:
+        # As the published loop: a call that ends the last allowed turn is not answered; the
+        # answer ends with the command in the student's view.
+        a["student_view"] += text
+        close_turn(False)
+        _finish(a, "turn_limit", "student")
+        return a, deltas
+
     grant = _grant(a, ledger, config, command.tokens)
     if grant.declined:
         a["events"].append(_decline_event(grant))
@@ -525,8 +534,9 @@ def finish_teacher_call(
     a["teacher_calls"] += 1
     a["teacher_prompt_tokens"] += generation.prompt_tokens
     a["teacher_cost_usd"] += cost
-    a["started"] = a["started"] or bool(generation.text.strip())
-    _add_span(a, "teacher", generation.text, tokens)
+    clean = clean_teacher_text(generation.text)
+    a["started"] = a["started"] or bool(clean.strip())
+    _add_span(a, "teacher", clean, tokens)
     new = {
         "teacher_tokens": ledger["teacher_tokens"] + tokens,
         "teacher_calls": ledger["teacher_calls"] + 1,
@@ -622,4 +632,6 @@ def relay_record(
         turn_budget=BudgetState.of(config.turn_budget, turn) if has_limits(config.turn_budget) else None,
         student_model=config.student.model,
         teacher_model=config.teacher.model,
+        enable_thinking=config.enable_thinking,
+        preset=config.preset,
     )

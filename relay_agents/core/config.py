@@ -8,16 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from relay_agents.core.policies import CommandPolicy, PolicySpec, normalise_policy_input
+from relay_agents.core.presets import PUBLISHED_PROMPT_SUFFIX, PresetName, apply_preset
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-DEFAULT_USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_USER_TEMPLATE = "{question}\n" + PUBLISHED_PROMPT_SUFFIX
 DEFAULT_INSTRUCT_TEMPLATE = (
     "Below is a partial answer to the conversation above. Continue it seamlessly from "
     "exactly where it stops. Output only the continuation: do not repeat the partial "
@@ -163,11 +165,28 @@ class RelayConfig(_Strict):
         "answer (the published evaluation scored it as a failure).",
     )
     on_teacher_failure: Literal["continue", "raise"] = "continue"
+    preset: PresetName | None = Field(
+        default=None,
+        description="The preset whose values fill what is not set (relay_agents.core.presets); "
+        "``published``: the published evaluation's settings. Reported with results.",
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _policy_shorthand(cls, data: Any) -> Any:
+    def _preset_and_policy_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            data = apply_preset(data)
         return normalise_policy_input(data)
+
+    @classmethod
+    def published(
+        cls, student: Endpoint | Mapping[str, Any], teacher: Endpoint | Mapping[str, Any], **overrides: Any
+    ) -> RelayConfig:
+        """The published evaluation's settings (preset ``published``) for these endpoints;
+        ``overrides`` and the settings made on the endpoints win over the preset's."""
+        return cls.model_validate(
+            {"student": student, "teacher": teacher, **overrides, "preset": "published"}
+        )
 
     @field_validator("student")
     @classmethod

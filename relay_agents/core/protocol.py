@@ -21,9 +21,18 @@ from dataclasses import dataclass
 CALL_OPEN = "<call>"
 CALL_CLOSE = "</call>"
 
-#: Any complete command, well formed or not (non-greedy, may span lines).
-COMMAND_RE = re.compile(r"<call>(.*?)</call>", re.DOTALL)
+#: A well-formed command: the only markup the teacher's view removes (as the published loop
+#: does; any other ``<call>`` text stays in the teacher's view as written).
+COMMAND_RE = re.compile(r"<call>\s*\d+\s*</call>")
+#: Any closed command, well formed or not: the last ``<call>`` before a ``</call>``.
+_CLOSED_RE = re.compile(r"<call>(?:(?!<call>).)*?</call>", re.DOTALL)
 _NUMBER_RE = re.compile(r"\s*(\d+)\s*")
+#: What is left of a command that was cut off: the tag and the start of its number.
+_CUT_COMMAND_RE = re.compile(r"<call>[\s\d]*")
+_STRAY_OPEN_RE = re.compile(r"\s*<call>\s*")
+#: The largest N a command may request; a longer number is clamped to it when parsed (any
+#: answer cap is far below, and a checkpointer stores integers in 64 bits).
+MAX_CALL_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +56,9 @@ def parse_call(text: str) -> CallCommand | None:
     """Return the command that ends ``text``, or ``None`` if the text does not end in one.
 
     A turn ends in a call when its output ends with ``</call>`` (the stop string kept).
-    The command starts at the last ``<call>`` before it; a ``</call>`` with no opening
-    tag, or an argument that is not a plain non-negative integer, is malformed.
+    The command starts at the last ``<call>`` before it (an earlier stray ``<call>`` is
+    student text); a ``</call>`` with no opening tag, or an argument that is not a plain
+    non-negative integer, is malformed. N is clamped to :data:`MAX_CALL_TOKENS`.
     """
     if not text.endswith(CALL_CLOSE):
         return None
@@ -61,31 +71,38 @@ def parse_call(text: str) -> CallCommand | None:
     return CallCommand(
         prefix=text[:start],
         raw=text[start:],
-        tokens=int(match.group(1)) if match else None,
+        tokens=_clamped(match.group(1)) if match else None,
     )
 
 
+def _clamped(digits: str) -> int:
+    """N, at most :data:`MAX_CALL_TOKENS` (the length is checked first: Python refuses to
+    parse an integer of more than 4,300 digits)."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_CALL_TOKENS)):
+        return MAX_CALL_TOKENS
+    return min(int(digits), MAX_CALL_TOKENS)
+
+
 def teacher_view(student_view: str) -> str:
-    """The answer as the teacher sees it: commands replaced by a space, then stripped."""
+    """The answer as the teacher sees it: well-formed commands replaced by a space, then stripped."""
     return COMMAND_RE.sub(" ", student_view).strip()
-
-
-def strip_commands(text: str) -> str:
-    """Remove complete commands without adding white space (for clean text)."""
-    return COMMAND_RE.sub("", text)
 
 
 # --------------------------------------------------------------------------- clean text
 
 
 class CleanTextFilter:
-    """Turns the student's raw text, delta by delta, into clean text.
+    """Turns raw model text, delta by delta, into clean text (no markup).
 
     It holds back whatever might still become markup (an open command, or a suffix that
     could start ``<call>`` or ``</call>``) and the white space before it, which is
     dropped if a teacher continues from the stripped view. Leading white space of the
-    whole answer is dropped, as the teacher view does. Streaming and the final text use
-    the same filter, so the two are equal however the text is chunked.
+    whole answer is dropped, as the teacher view does. When the turn ends, a cut-off command
+    (``<call>`` and digits) is dropped and the text after a stray ``<call>`` is released
+    without the tag. Streaming and the final text use the same filter, so the two are equal
+    however the text is chunked. The teacher's text goes through one too (a teacher may
+    write markup).
     """
 
     __slots__ = ("_pending", "_started")
@@ -104,7 +121,7 @@ class CleanTextFilter:
         return self._pending
 
     def feed(self, delta: str) -> str:
-        """Add raw student text; return the clean text that is now certain."""
+        """Add raw text; return the clean text that is now certain."""
         text = _remove_markup(self._pending + delta)
         hold_from = text.find(CALL_OPEN)
         if hold_from < 0:
@@ -121,9 +138,11 @@ class CleanTextFilter:
         space before the command is dropped (the teacher saw the stripped view).
         """
         pending, self._pending = self._pending, ""
-        open_at = pending.find(CALL_OPEN)  # a command cut off by the length limit
-        if open_at >= 0:
-            pending = pending[:open_at]
+        cut = pending.rfind(CALL_OPEN)
+        if cut >= 0 and _CUT_COMMAND_RE.fullmatch(pending, cut):
+            pending = pending[:cut]
+        # A stray tag becomes one space: removing it could join its neighbours into a tag.
+        pending = _STRAY_OPEN_RE.sub(" ", pending)
         if answered_call:
             pending = pending.rstrip()
         return self._emit(pending)
@@ -136,7 +155,11 @@ class CleanTextFilter:
 
 
 def _remove_markup(text: str) -> str:
-    return COMMAND_RE.sub("", text).replace(CALL_CLOSE, "")
+    """Remove closed commands (innermost first, as the student's turn pairs them) and stray
+    closing tags."""
+    while (shorter := _CLOSED_RE.sub("", text)) != text:
+        text = shorter
+    return text.replace(CALL_CLOSE, "")
 
 
 def _markup_prefix_len(text: str) -> int:
@@ -152,6 +175,12 @@ def clean_student_text(raw: str, *, answered_call: bool, answer_started: bool) -
     """The clean text of one whole student turn (the non-streaming path)."""
     flt = CleanTextFilter(answer_started=answer_started)
     return flt.feed(raw) + flt.finish(answered_call=answered_call)
+
+
+def clean_teacher_text(raw: str) -> str:
+    """The clean text of one whole teacher reply (kept verbatim but for markup)."""
+    flt = CleanTextFilter(answer_started=True)
+    return flt.feed(raw) + flt.finish(answered_call=False)
 
 
 def call_ratio(student_tokens: int, teacher_tokens: int) -> float:

@@ -96,3 +96,7 @@ class RelayRecord(BaseModel):
     """The answer's own budget, when ``turn_budget`` sets limits."""
     student_model: str | None = None
     teacher_model: str | None = None
+    enable_thinking: bool = False
+    """The thinking mode the prompts were rendered with (results differ with it)."""
+    preset: str | None = None
+    """The preset the config came from (``published``), if any."""
