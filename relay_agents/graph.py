@@ -64,10 +64,10 @@ from relay_agents.core.answer import (
     teacher_request,
 )
 from relay_agents.core.config import ByDigest, RelayConfig
-from relay_agents.core.grants import ScopeKind, Spend, has_limits
+from relay_agents.core.grants import CallQuote, ScopeKind, Spend, has_limits
 from relay_agents.core.policies import TurnPlan
 from relay_agents.core.protocol import CleanTextFilter
-from relay_agents.core.types import Generation
+from relay_agents.core.types import Generation, Request
 from relay_agents.prompts import protocol_messages, to_openai_messages
 
 T = TypeVar("T")
@@ -236,6 +236,38 @@ class _TeacherCall:
             self.held = ""
 
 
+@dataclass(slots=True)
+class _StudentStep:
+    """What one student turn needs, planned before its request goes out."""
+
+    answer: AnswerState
+    ledger: Ledger
+    turn: _StudentTurn
+    live: bool
+    scopes: list[Scope]
+    plan: TurnPlan
+    request: Request
+
+    @property
+    def on_text(self) -> Callable[[str], None] | None:
+        return self.turn.on_text if self.live else None
+
+    @property
+    def watch(self) -> Callable[..., bool] | None:
+        """The plan's token check, when the policy reads the student's tokens as they come."""
+        return self.plan.unsure if self.plan.watch_from is not None else None
+
+
+@dataclass(slots=True)
+class _TeacherStep:
+    """What one teacher call needs, planned before its request goes out."""
+
+    call: _TeacherCall
+    request: Request
+    on_text: Callable[[str], None] | None
+    reservation: ReservationDict | None
+
+
 class RelayNodes:
     """The node functions, sync and async, bound to one config and its endpoint clients.
 
@@ -284,31 +316,46 @@ class RelayNodes:
         )
         return start_answer(prompt, self.config, question_id), ledger
 
+    # Each node is plan -> I/O -> apply: the sync and async bodies differ only in their I/O
+    # lines (a model request, a budget-store call).
+
     # student -------------------------------------------------------------------------
 
-    def _after_student(
-        self,
-        answer: AnswerState,
-        ledger: Ledger,
-        turn: _StudentTurn,
-        gen: Generation,
-        scopes: list[Scope],
-        plan: TurnPlan,
-    ) -> AnswerState:
+    def _student_turn(self, state: RelayState) -> _StudentStep:
+        answer, ledger = self._begun(state)
+        context = _context()
+        plan = student_plan(answer, self.config)
+        return _StudentStep(
+            answer=answer,
+            ledger=ledger,
+            turn=_StudentTurn(answer, context.writer()),
+            live=context.stream_tokens,
+            scopes=self._scopes(),
+            plan=plan,
+            request=student_request(answer, self.config, plan),
+        )
+
+    def _after_student(self, step: _StudentStep, gen: Generation) -> tuple[AnswerState, CallQuote | None]:
+        """Apply the student's turn; the quote to reserve in the store, when it called."""
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
-        in_store = any(s.kind == "conversation" for s in scopes)
+        turn = step.turn
+        if not step.live:
+            turn.on_text(gen.text)
+        in_store = any(s.kind == "conversation" for s in step.scopes)
         answer, deltas = finish_student_turn(
-            answer,
-            None if in_store else ledger,
+            step.answer,
+            None if in_store else step.ledger,
             self.config,
             gen,
             "".join(turn.parts),
             turn.filter,
-            plan,
+            step.plan,
         )
         _write(turn.writer, deltas)
-        return answer
+        if answer["call"] is None or not step.scopes:
+            return answer, None
+        return answer, call_quote(answer, self.config, answer["call"]["granted"])
 
     def _held(self, answer: AnswerState, writer: Writer, reserved: Reservation | None) -> AnswerState:
         """Apply the store's grant (if the call went to a store) and the raise-when-spent policy."""
@@ -325,51 +372,38 @@ class RelayNodes:
         return answer
 
     def student(self, state: RelayState) -> dict[str, Any]:
-        answer, ledger = self._begun(state)
-        context = _context()
-        turn = _StudentTurn(answer, context.writer())
-        live = context.stream_tokens
-        scopes = self._scopes()
-        plan = student_plan(answer, self.config)
-        request = student_request(answer, self.config, plan)
-        if plan.call_at_start:
-            gen = skipped_student_turn()
-        else:
-            gen = self.student_client.generate(request, turn.on_text if live else None, _watch(plan))
-        if not live:
-            turn.on_text(gen.text)
-        answer = self._after_student(answer, ledger, turn, gen, scopes, plan)
-        reserved: Reservation | None = None
-        if answer["call"] is not None and scopes:
-            quote = call_quote(answer, self.config, answer["call"]["granted"])
-            reserved = self.budget_store.reserve(scopes, quote)
-        answer = self._held(answer, turn.writer, reserved)
-        return self._update(answer, ledger, self._spent(scopes) if route(answer) == "finish" else None)
+        step = self._student_turn(state)
+        gen = skipped_student_turn()
+        if not step.plan.call_at_start:
+            gen = self.student_client.generate(step.request, step.on_text, step.watch)
+        answer, quote = self._after_student(step, gen)
+        reserved = self.budget_store.reserve(step.scopes, quote) if quote is not None else None
+        answer = self._held(answer, step.turn.writer, reserved)
+        spent = self._spent(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, step.ledger, spent)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
-        answer, ledger = self._begun(state)
-        context = _context()
-        turn = _StudentTurn(answer, context.writer())
-        live = context.stream_tokens
-        scopes = self._scopes()
-        plan = student_plan(answer, self.config)
-        request = student_request(answer, self.config, plan)
-        if plan.call_at_start:
-            gen = skipped_student_turn()
-        else:
-            gen = await self.student_client.agenerate(request, turn.on_text if live else None, _watch(plan))
-        if not live:
-            turn.on_text(gen.text)
-        answer = self._after_student(answer, ledger, turn, gen, scopes, plan)
-        reserved: Reservation | None = None
-        if answer["call"] is not None and scopes:
-            quote = call_quote(answer, self.config, answer["call"]["granted"])
-            reserved = await self.budget_store.areserve(scopes, quote)
-        answer = self._held(answer, turn.writer, reserved)
-        spent = await self._aspent(scopes) if route(answer) == "finish" else None
-        return self._update(answer, ledger, spent)
+        step = self._student_turn(state)
+        gen = skipped_student_turn()
+        if not step.plan.call_at_start:
+            gen = await self.student_client.agenerate(step.request, step.on_text, step.watch)
+        answer, quote = self._after_student(step, gen)
+        reserved = await self.budget_store.areserve(step.scopes, quote) if quote is not None else None
+        answer = self._held(answer, step.turn.writer, reserved)
+        spent = await self._aspent(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, step.ledger, spent)
 
     # teacher -------------------------------------------------------------------------
+
+    def _teacher_call(self, state: RelayState) -> _TeacherStep:
+        context = _context()
+        call = _TeacherCall(state["answer"], context.writer())
+        return _TeacherStep(
+            call=call,
+            request=teacher_request(state["answer"], self.config),
+            on_text=call.on_text if context.stream_tokens else None,
+            reservation=_reservation(state["answer"]),
+        )
 
     def _charged(self, gen: Generation | None) -> Spend:
         """What the store is charged for a call: only text actually received."""
@@ -379,11 +413,7 @@ class RelayNodes:
         return Spend(gen.completion_tokens, 1, cost)
 
     def _after_teacher(
-        self,
-        state: RelayState,
-        call: _TeacherCall,
-        gen: Generation | None,
-        error: BaseException | None,
+        self, state: RelayState, call: _TeacherCall, gen: Generation | None, error: BaseException | None
     ) -> tuple[AnswerState, Ledger]:
         failed = error if gen is None else gen.error
         if failed is not None and self.config.on_teacher_failure == "raise":
@@ -400,45 +430,34 @@ class RelayNodes:
         return answer, ledger
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
-        context = _context()
-        call = _TeacherCall(state["answer"], context.writer())
-        reservation = _reservation(state["answer"])
+        step = self._teacher_call(state)
         gen: Generation | None = None
         error: BaseException | None = None
         try:
-            request = teacher_request(state["answer"], self.config)
-            gen = self.teacher_client.generate(request, call.on_text if context.stream_tokens else None)
+            gen = self.teacher_client.generate(step.request, step.on_text)
         except STREAM_ERRORS as exc:
             error = exc
         finally:
             gen, error = _answered(gen, error)
-            if reservation is not None:
-                self.budget_store.settle(reservation["id"], reservation["keys"], self._charged(gen))
-        answer, ledger = self._after_teacher(state, call, gen, error)
-        return self._update(
-            answer, ledger, self._spent(self._scopes()) if route(answer) == "finish" else None
-        )
+            if (held := step.reservation) is not None:
+                self.budget_store.settle(held["id"], held["keys"], self._charged(gen))
+        answer, ledger = self._after_teacher(state, step.call, gen, error)
+        spent = self._spent(self._scopes()) if route(answer) == "finish" else None
+        return self._update(answer, ledger, spent)
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
-        context = _context()
-        call = _TeacherCall(state["answer"], context.writer())
-        reservation = _reservation(state["answer"])
+        step = self._teacher_call(state)
         gen: Generation | None = None
         error: BaseException | None = None
         try:
-            request = teacher_request(state["answer"], self.config)
-            gen = await self.teacher_client.agenerate(
-                request, call.on_text if context.stream_tokens else None
-            )
+            gen = await self.teacher_client.agenerate(step.request, step.on_text)
         except STREAM_ERRORS as exc:
             error = exc
         finally:
             gen, error = _answered(gen, error)
-            if reservation is not None:
-                await asyncio.shield(
-                    self.budget_store.asettle(reservation["id"], reservation["keys"], self._charged(gen))
-                )
-        answer, ledger = self._after_teacher(state, call, gen, error)
+            if (held := step.reservation) is not None:
+                await asyncio.shield(self.budget_store.asettle(held["id"], held["keys"], self._charged(gen)))
+        answer, ledger = self._after_teacher(state, step.call, gen, error)
         spent = await self._aspent(self._scopes()) if route(answer) == "finish" else None
         return self._update(answer, ledger, spent)
 
@@ -482,11 +501,6 @@ class RelayNodes:
             )
         ]
         return update
-
-
-def _watch(plan: TurnPlan) -> Callable[..., bool] | None:
-    """The plan's token check, when the policy reads the student's tokens as they come."""
-    return plan.unsure if plan.watch_from is not None else None
 
 
 def _reservation(answer: AnswerState) -> ReservationDict | None:
