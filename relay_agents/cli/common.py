@@ -8,7 +8,6 @@ when it runs, so ``relay-agents --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -51,10 +50,10 @@ def load(config_file: Path | None) -> RelayConfig:
 
 
 def configured(config_file: Path | None) -> bool:
-    """Whether endpoints are given (``--config``, RELAY_CONFIG or RELAY_STUDENT_BASE_URL)."""
-    from relay_agents.config import CONFIG_FILE_VAR
+    """Whether endpoints are given (``--config``, RELAY_CONFIG or RELAY_STUDENT_*/RELAY_TEACHER_*)."""
+    from relay_agents.config import endpoints_configured
 
-    return bool(config_file or os.environ.get(CONFIG_FILE_VAR) or os.environ.get("RELAY_STUDENT_BASE_URL"))
+    return endpoints_configured(config_file)
 
 
 @contextlib.contextmanager
