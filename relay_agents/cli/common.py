@@ -19,7 +19,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from relay_agents.api import RelayResult
     from relay_agents.core.config import RelayConfig
-    from relay_agents.serving import TinyPairServers
+    from relay_agents.tiny.servers import TinyPairServers
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -59,7 +59,9 @@ def configured(config_file: Path | None) -> bool:
 @contextlib.contextmanager
 def tiny_pair() -> Iterator[TinyPairServers]:
     """The tiny student/teacher pair built (or loaded) and served by vLLM on the CPU for the block."""
-    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+    from relay_agents.serving import VLLMServerError, vllm_available
+    from relay_agents.serving.process import install_stop_handlers
+    from relay_agents.tiny.servers import tiny_pair_servers
 
     if not vllm_available():
         raise fail(
@@ -69,6 +71,9 @@ def tiny_pair() -> Iterator[TinyPairServers]:
     try:
         with errors.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
             servers = tiny_pair_servers()
+        # here, on the main thread (the servers start from threads): a SIGTERM, which uvicorn
+        # passes on once it has shut down, then stops them too
+        install_stop_handlers()
         with errors.status("Starting two vLLM servers on the CPU (~30 s)"):
             servers.start()
     except VLLMServerError as exc:

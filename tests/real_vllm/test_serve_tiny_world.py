@@ -4,10 +4,13 @@ and ``tutor`` do), saying so when it starts."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
+import httpx2
 import openai
+import pytest
 
 from relay_agents.tiny import tasks
 from tests.test_server_cli import free_port, start_serve, wait_healthy
@@ -36,7 +39,13 @@ def test_serve_without_configuration_serves_the_tiny_world(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
+    stderr = " ".join(stderr.split())  # as printed, wrapped by rich
     assert reply.choices[0].message.content, reply
     assert "no endpoints are configured: serving the tiny relay world" in stderr, stderr
     assert "student tiny-student, teacher tiny-teacher" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+    servers = re.findall(r"(?:student|teacher) (http://127\.0\.0\.1:\d+)/v1", stderr)
+    assert len(servers) == 2, stderr
+    for server in servers:
+        with pytest.raises(httpx2.TransportError):  # the tiny pair stopped with serve
+            httpx2.get(f"{server}/health", timeout=5)
