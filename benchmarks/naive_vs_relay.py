@@ -259,7 +259,7 @@ def history(problems: list[Problem]) -> list[dict]:
 
 def relay_cache_phase(cfg: RelayConfig, metrics_url: str, questions: list, log: CacheLog) -> list[str]:
     """relay-agents one conversation at a time, cache counters read around each student request."""
-    student = client_for(cfg.student)
+    student = client_for(cfg.student, "student")
     original = student.agenerate
 
     async def instrumented(request, on_text=None, watch=None):

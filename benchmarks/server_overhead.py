@@ -258,8 +258,8 @@ async def main(latency_ms: float, requests: int, concurrency: int, workers: int)
                         )
                     )
             await client.close()
-            for endpoint in (config.student, config.teacher):  # the library's pooled clients
-                await client_for(endpoint).aclose()
+            for endpoint, role in ((config.student, "student"), (config.teacher, "teacher")):
+                await client_for(endpoint, role).aclose()  # the library's pooled clients
         finally:
             server.stop()
     return {

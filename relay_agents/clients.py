@@ -5,6 +5,10 @@ async; the SDK's error types), and the async one costs a quarter of the SDK's CP
 generation is retried with tenacity only until its first chunk arrives: a stream is never
 retried after its first token, because tokens would be emitted twice. The SDK's own retries
 are off.
+
+A failure leaves a client as the exception it was (``except openai.NotFoundError`` still
+works, the server maps it to its status), its message rewritten to name the endpoint's role and
+URL and, for the common mistakes, what to do.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 from tenacity import (
@@ -26,6 +31,7 @@ from tenacity import (
 
 from relay_agents.core.config import Endpoint, digest
 from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
+from relay_agents.core.result import Source
 from relay_agents.core.types import Generation, Request, TokenLogprob
 from relay_agents.prompts import ChatTemplate, instruct_messages
 from relay_agents.transport import AsyncTransport, SyncTransport
@@ -55,6 +61,85 @@ def is_transient(exc: BaseException) -> bool:
 
 class StreamError(ValueError):
     """The server sent an error event or garbage in the middle of a stream."""
+
+
+# -- failures that say what to do ---------------------------------------------------------
+
+
+def model_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` is a 404 saying the model does not exist (vLLM's and OpenAI's words)."""
+    if not isinstance(exc, openai.NotFoundError) or not isinstance(exc.body, dict):
+        return False
+    message = str(exc.body.get("message", "")).lower()
+    return exc.body.get("code") == "model_not_found" or ("model" in message and "not exist" in message)
+
+
+def failure_hint(
+    exc: BaseException, endpoint: Endpoint, role: Source, served: list[str] | None
+) -> str | None:
+    """What to do about ``exc`` from ``endpoint`` for the common mistakes; None when none fits.
+
+    ``served`` is the model ids the server lists, read when :func:`model_missing`.
+    """
+    base, var = endpoint.base_url, f"RELAY_{role.upper()}"
+    if isinstance(exc, openai.APITimeoutError):
+        return (
+            f"no answer within {endpoint.timeout:g} s: a busy server needs a longer timeout "
+            f"({role}.timeout, {var}_TIMEOUT)"
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        if "refused the connection" in exc.message:
+            return f"nothing listens there: start the model server, or fix {role}.base_url ({var}_BASE_URL)"
+        return None
+    if isinstance(exc, openai.APIStatusError):
+        path = urlsplit(str(exc.request.url)).path
+        if model_missing(exc):
+            listed = ", ".join(repr(m) for m in served) if served else "none it would list"
+            return (
+                f"the server does not serve {endpoint.model!r}; it serves {listed} "
+                f"({role}.model, {var}_MODEL)"
+            )
+        if exc.status_code in (401, 403):
+            return f"the server refused the API key ({role}.api_key, {var}_API_KEY)"
+        if exc.status_code == 404 and path.endswith(("/tokenize", "/detokenize")):
+            return (
+                f"the server has no vLLM {path} to render the prompt: set {role}.tokenizer_path or "
+                f'{role}.chat_template, or {role}.api = "chat"'
+            )
+        if exc.status_code == 404 and not urlsplit(base).path.rstrip("/").endswith("/v1"):
+            return f"OpenAI-compatible servers answer under /v1: try {base.rstrip('/')}/v1 ({var}_BASE_URL)"
+        if exc.status_code in (404, 405, 501) or not isinstance(exc.body, dict):
+            return (
+                f"this is not an OpenAI-compatible API (HTTP {exc.status_code}, {_body_kind(exc.body)}): "
+                f"{role}.base_url must be the API root of a server such as vLLM (http://host:8000/v1)"
+            )
+        return None
+    if isinstance(exc, json.JSONDecodeError):
+        return f"the answer is not JSON: {role}.base_url must be the API root of an OpenAI-compatible server"
+    return None
+
+
+def _body_kind(body: object) -> str:
+    return "an OpenAI error object" if isinstance(body, dict) else "an answer that is not JSON"
+
+
+def explain_failure(exc: BaseException, endpoint: Endpoint, role: Source, served: list[str] | None) -> None:
+    """Rewrite ``exc``'s message in place to name the role, the URL and a hint: the exception
+    keeps its class and attributes (status, body, request), which callers branch on."""
+    original = str(exc.message if isinstance(exc, openai.APIError) else exc).rstrip(". ")
+    message = f"{role} endpoint {endpoint.base_url} (model {endpoint.model!r}): {original}"
+    hint = failure_hint(exc, endpoint, role, served)
+    if hint is not None:
+        message += f". Hint: {hint}"
+    exc.args = (message,)
+    if isinstance(exc, openai.APIError):
+        exc.message = message
+
+
+def served_ids(models: Any) -> list[str]:
+    """The model ids of a ``/models`` answer."""
+    data = models.get("data") if isinstance(models, dict) else None
+    return [str(m["id"]) for m in data or () if isinstance(m, dict) and "id" in m]
 
 
 class _Collector:
@@ -207,10 +292,12 @@ def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
 
 
 class EndpointClient:
-    """Talks to one endpoint: one pooled sync SDK client, one async transport (a pool per loop)."""
+    """Talks to one endpoint as the student or the teacher (named in its errors): one pooled
+    sync transport, one async transport (a pool per loop)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, role: Source) -> None:
         self.endpoint = endpoint
+        self.role = role
         key, timeouts = (
             endpoint.api_key.get_secret_value(),
             {
@@ -410,6 +497,21 @@ class EndpointClient:
     def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
+    # -- failures -------------------------------------------------------------------------
+
+    def _served(self) -> list[str] | None:
+        """The ids the server lists at ``/models`` (None when it lists none)."""
+        try:
+            return served_ids(self.sync_transport.get_json(f"{self.endpoint.base_url}/models"))
+        except STREAM_ERRORS:
+            return None
+
+    async def _aserved(self) -> list[str] | None:
+        try:
+            return served_ids(await self.transport.get_json(f"{self.endpoint.base_url}/models"))
+        except STREAM_ERRORS:
+            return None
+
     def generate(
         self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
     ) -> Generation:
@@ -417,7 +519,32 @@ class EndpointClient:
 
         ``watch`` (with ``request.logprobs``) sees each token and may cut the reply before one:
         a stream stops there (the connection is closed), a whole reply is cut after the fact.
+        A failure (raised, or a stream's ``error``) names the role, the URL and a hint.
         """
+        try:
+            gen = self._generate(request, on_text, watch)
+        except STREAM_ERRORS as exc:
+            explain_failure(exc, self.endpoint, self.role, self._served() if model_missing(exc) else None)
+            raise
+        if gen.error is not None:
+            explain_failure(gen.error, self.endpoint, self.role, None)
+        return gen
+
+    async def agenerate(
+        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+    ) -> Generation:
+        """Async :meth:`generate`."""
+        try:
+            gen = await self._agenerate(request, on_text, watch)
+        except STREAM_ERRORS as exc:
+            served = await self._aserved() if model_missing(exc) else None
+            explain_failure(exc, self.endpoint, self.role, served)
+            raise
+        if gen.error is not None:
+            explain_failure(gen.error, self.endpoint, self.role, None)
+        return gen
+
+    def _generate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
@@ -452,10 +579,7 @@ class EndpointClient:
             opened.__exit__(None, None, None)
         return collector.result()
 
-    async def agenerate(
-        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
-    ) -> Generation:
-        """Async :meth:`generate`."""
+    async def _agenerate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
@@ -491,15 +615,15 @@ class EndpointClient:
         return collector.result()
 
 
-_CLIENTS: dict[str, EndpointClient] = {}
+_CLIENTS: dict[tuple[Source, str], EndpointClient] = {}
 
 
-def client_for(endpoint: Endpoint) -> EndpointClient:
-    """The shared client of an endpoint: every graph on the same endpoint reuses its pool."""
-    key = digest(endpoint)
+def client_for(endpoint: Endpoint, role: Source) -> EndpointClient:
+    """The shared client of an endpoint in a role: every graph on the same endpoint reuses its pool."""
+    key = (role, digest(endpoint))
     client = _CLIENTS.get(key)
     if client is None:
-        client = _CLIENTS[key] = EndpointClient(endpoint)
+        client = _CLIENTS[key] = EndpointClient(endpoint, role)
     return client
 
 

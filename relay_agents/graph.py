@@ -277,8 +277,8 @@ class RelayNodes:
 
     def __init__(self, config: RelayConfig, budget_store: BudgetStore | None = None) -> None:
         self.config = config
-        self.student_client: EndpointClient = client_for(config.student)
-        self.teacher_client: EndpointClient = client_for(config.teacher)
+        self.student_client: EndpointClient = client_for(config.student, "student")
+        self.teacher_client: EndpointClient = client_for(config.teacher, "teacher")
         self._budget_store = budget_store
 
     @property

@@ -1,7 +1,7 @@
 """HTTP to one endpoint, sync and async, with one error mapping: the SDK's error types.
 
-Both transports have the same three operations (``post_json``, ``post`` for an open 2xx
-response, ``lines`` of a streamed body) and raise the same exceptions, so the client's code
+Both transports have the same four operations (``post_json``, ``post`` for an open 2xx
+response, ``lines`` of a streamed body, ``get_json``) and raise the same exceptions, so the client's code
 above them is written once. The async one is a pooled aiohttp session per event loop; the
 sync one a pooled ``httpx2.Client`` (the HTTP library the openai SDK itself uses).
 
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -70,9 +72,22 @@ def connection_error(exc: BaseException, url: str) -> openai.APIConnectionError:
     request = httpx2.Request("POST", url)
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError | httpx2.TimeoutException):
         return openai.APITimeoutError(request)
+    if _refused(exc):  # said the same way by both libraries (aiohttp's own words name ssl:default)
+        return openai.APIConnectionError(
+            message=f"Connection error: {urlsplit(url).netloc} refused the connection", request=request
+        )
     return openai.APIConnectionError(
         message=f"Connection error: {exc}" if str(exc) else "Connection error.", request=request
     )
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a refused connection: nothing listens there."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 #: What a request or a stream raises before :func:`connection_error` names it.
@@ -109,6 +124,16 @@ class SyncTransport:
             except SYNC_TRANSPORT_ERRORS as exc:
                 raise connection_error(exc, url) from exc
         return json.loads(content)
+
+    def get_json(self, url: str) -> Any:
+        """The decoded JSON answer to one GET (the server's ``/models``)."""
+        try:
+            response = self._session().get(url)
+        except SYNC_TRANSPORT_ERRORS as exc:
+            raise connection_error(exc, url) from exc
+        if response.status_code >= 400:
+            raise status_error(response.status_code, response.content, response.headers, url)
+        return response.json()
 
     @contextlib.contextmanager
     def post(self, url: str, body: dict[str, Any]) -> Iterator[httpx2.Response]:
@@ -176,6 +201,17 @@ class AsyncTransport:
                 content = await response.read()
             except TRANSPORT_ERRORS as exc:
                 raise connection_error(exc, url) from exc
+        return json.loads(content)
+
+    async def get_json(self, url: str) -> Any:
+        """The decoded JSON answer to one GET (the server's ``/models``)."""
+        try:
+            async with self._session().get(url) as response:
+                content = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise connection_error(exc, url) from exc
+        if response.status >= 400:
+            raise status_error(response.status, content, response.headers, url)
         return json.loads(content)
 
     @contextlib.asynccontextmanager

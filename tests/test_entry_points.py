@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer
 
 import relay_agents
 from relay_agents.cli import app
+from relay_agents.config import NotConfigured
 from relay_agents.testing import ScriptedServer
 from tests.conftest import CHATML
 
@@ -127,7 +129,8 @@ def test_ask_when_the_student_is_down(tmp_path: Path) -> None:
     )
     out = run([CLI, "ask", "hi"], env)
     assert out.returncode == 1
-    assert "student endpoint failed" in out.stderr and "APIConnectionError" in out.stderr
+    assert "APIConnectionError: student endpoint http://127.0.0.1:9/v1" in out.stderr
+    assert "refused the connection" in out.stderr and "RELAY_STUDENT_BASE_URL" in out.stderr
 
 
 def test_langgraph_json_graph_loads_and_runs(scripted: ScriptedServer, tmp_path: Path, monkeypatch) -> None:
@@ -163,3 +166,30 @@ def test_examples_run(scripted: ScriptedServer, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "12*34 = 408." in out.stdout and "teacher tokens spent so far: 3" in out.stdout
     assert db.exists()
+
+
+def test_ask_without_configuration_says_how_to_configure() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out = run([CLI, "ask", "hi"], env)
+    assert out.returncode == 2
+    for way in (
+        "RELAY_STUDENT_BASE_URL",
+        "RELAY_TEACHER_MODEL",
+        "RELAY_CONFIG",
+        "--config",
+        "relay-agents demo",
+    ):
+        assert way in out.stderr, out.stderr
+    assert "Field required" not in out.stderr
+
+
+def test_langgraph_json_graph_without_configuration_says_how_to_configure(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith(("RELAY_CONFIG", "RELAY_STUDENT_", "RELAY_TEACHER_"))]:
+        monkeypatch.delenv(name)
+    spec = json.loads((ROOT / "langgraph.json").read_text())
+    path = spec["graphs"]["relay"].partition(":")[0]
+    module_spec = importlib.util.spec_from_file_location("relay_graph_unconfigured", ROOT / path)
+    assert module_spec is not None and module_spec.loader is not None
+    with pytest.raises(NotConfigured) as info:
+        module_spec.loader.exec_module(importlib.util.module_from_spec(module_spec))
+    assert "RELAY_STUDENT_BASE_URL" in str(info.value) and "relay-agents demo" in str(info.value)

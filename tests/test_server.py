@@ -237,7 +237,8 @@ async def test_a_student_that_refuses_answers_502(scripted: ScriptedServer) -> N
                     model="relay", messages=[{"role": "user", "content": "Q-400"}], stream=stream
                 )
             assert info.value.status_code == 502
-            assert "refused the request (HTTP 400): scripted fault 400" in info.value.message
+            assert "refused the request (HTTP 400): student endpoint http://127.0.0.1:" in info.value.message
+            assert info.value.message.endswith("Error code: 400 - scripted fault 400")
             assert info.value.response.headers["x-should-retry"] == "false"
 
 

@@ -13,6 +13,7 @@ from relay_agents.cli.common import (
     ConfigOption,
     console,
     errors,
+    fail,
     load,
     stream_answer,
     usage_line,
@@ -30,9 +31,9 @@ def ask(
     config = load(config_file)
     try:
         result = asyncio.run(stream_answer(question, config, show=not as_json))
-    except openai.APIError as exc:
-        errors.print(f"\n[red]error:[/red] the student endpoint failed: {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
+    except openai.APIError as exc:  # its message names the endpoint (student or teacher) and a hint
+        errors.print()
+        raise fail(f"{type(exc).__name__}: {exc}") from None
     if as_json:
         print(json.dumps(result.model_dump(mode="json", exclude={"message"}), indent=2))
         return

@@ -8,7 +8,6 @@ when it runs, so ``relay-agents --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,7 +19,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from relay_agents.api import RelayResult
     from relay_agents.core.config import RelayConfig
-    from relay_agents.serving import TinyPairServers
+    from relay_agents.tiny.servers import TinyPairServers
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -51,16 +50,18 @@ def load(config_file: Path | None) -> RelayConfig:
 
 
 def configured(config_file: Path | None) -> bool:
-    """Whether endpoints are given (``--config``, RELAY_CONFIG or RELAY_STUDENT_BASE_URL)."""
-    from relay_agents.config import CONFIG_FILE_VAR
+    """Whether endpoints are given (``--config``, RELAY_CONFIG or RELAY_STUDENT_*/RELAY_TEACHER_*)."""
+    from relay_agents.config import endpoints_configured
 
-    return bool(config_file or os.environ.get(CONFIG_FILE_VAR) or os.environ.get("RELAY_STUDENT_BASE_URL"))
+    return endpoints_configured(config_file)
 
 
 @contextlib.contextmanager
 def tiny_pair() -> Iterator[TinyPairServers]:
     """The tiny student/teacher pair built (or loaded) and served by vLLM on the CPU for the block."""
-    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+    from relay_agents.serving import VLLMServerError, vllm_available
+    from relay_agents.serving.process import install_stop_handlers
+    from relay_agents.tiny.servers import tiny_pair_servers
 
     if not vllm_available():
         raise fail(
@@ -70,6 +71,9 @@ def tiny_pair() -> Iterator[TinyPairServers]:
     try:
         with errors.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
             servers = tiny_pair_servers()
+        # here, on the main thread (the servers start from threads): a SIGTERM, which uvicorn
+        # passes on once it has shut down, then stops them too
+        install_stop_handlers()
         with errors.status("Starting two vLLM servers on the CPU (~30 s)"):
             servers.start()
     except VLLMServerError as exc:

@@ -4,6 +4,7 @@ Clients branch on the status and on ``error.type`` / ``error.code``, as they do 
 OpenAI. Upstream failures are 503 when trying again later may help (the model server is
 unreachable, timed out, overloaded) and 502 when it will not (the model server refused the
 request or answered garbage); the ``x-should-retry`` header tells the ``openai`` SDK which.
+The message carries the endpoint client's: the role (student or teacher), its URL and a hint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from relay_agents.clients import StreamError
 from relay_agents.server.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("relay_agents.server")
+#: Characters of an upstream failure passed on: the upstream's message, the URL and the hint fit.
+MAX_DETAIL = 1000
 
 _TYPES = {
     400: "invalid_request_error",
@@ -92,14 +95,19 @@ def invalid_request(exc: ValidationError) -> APIError:
 def upstream_error(exc: BaseException) -> APIError | None:
     """An upstream (model server) failure as a 502 or 503; None when ``exc`` is not one."""
     if isinstance(exc, openai.APITimeoutError):
-        return APIError(503, "the upstream model server timed out", code="upstream_timeout", retry=True)
+        return APIError(
+            503, f"the upstream model server timed out: {_detail(exc)}", code="upstream_timeout", retry=True
+        )
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         return APIError(
-            503, "the upstream model server is unreachable", code="upstream_unreachable", retry=True
+            503,
+            f"the upstream model server is unreachable: {_detail(exc)}",
+            code="upstream_unreachable",
+            retry=True,
         )
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        detail = _upstream_message(exc)
+        detail = _detail(exc)
         if status == 429 or status >= 500:
             return APIError(
                 503,
@@ -138,12 +146,6 @@ def failure(exc: BaseException) -> APIError:
     )
 
 
-def _upstream_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:500]
-        if isinstance(body.get("message"), str):
-            return body["message"][:500]
-    return str(exc.message)[:500]
+def _detail(exc: BaseException) -> str:
+    """The failure as the endpoint client worded it (role, URL, upstream message, hint)."""
+    return str(exc)[:MAX_DETAIL]

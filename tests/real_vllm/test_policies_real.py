@@ -56,7 +56,7 @@ async def student_probs(config: RelayConfig, question: str, answer: str, n: int)
     messages = protocol_messages(
         [{"role": "user", "content": question}], user_template=config.user_template, system_prompt=None
     )
-    prompt = EndpointClient(ep).prompt_prefix(Request(messages=messages, answer="", max_tokens=1))
+    prompt = EndpointClient(ep, "student").prompt_prefix(Request(messages=messages, answer="", max_tokens=1))
     client = AsyncOpenAI(base_url=ep.base_url, api_key="EMPTY", max_retries=0)
     reply = await client.completions.create(
         model=ep.model, prompt=prompt + answer, max_tokens=n, temperature=0, logprobs=1

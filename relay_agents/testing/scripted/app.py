@@ -40,6 +40,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "token_interval_s": 0.0,
     "default_response": "I am a scripted model.",
     "max_model_len": 32768,
+    # As vLLM: a model that is not scripted is answered 404 "does not exist" (else any is served).
+    "strict_models": False,
 }
 
 
@@ -85,11 +87,13 @@ async def generation(state: ServerState, request: Request) -> Response:
         prompt = render_prompt(body, chat=chat, vocabulary=state.vocabulary)
     except BadRequest as exc:
         return error_response(str(exc))
-    state.models.setdefault(model)
     record = {"path": request.url.path, "model": model, "body": body, "prompt": prompt}
     record["authorization"] = request.headers.get("authorization")
     record["disconnected"] = False  # set when the client is seen leaving before the end
     state.requests.append(record)
+    if state.config["strict_models"] and model not in state.models:
+        return error_response(f"The model `{model}` does not exist.", 404)  # vLLM's words
+    state.models.setdefault(model)
     try:
         req = parse_generation(
             body,
