@@ -54,6 +54,8 @@ from relay_agents.server.streaming import (
 
 CONVERSATION_HEADER = "x-relay-conversation"
 SCHEMA_REF = "#/components/schemas/{model}"
+#: One server-sent event of a stream: ``data`` is a chunk, an error object or ``[DONE]``.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 #: Distinct per-request answer caps (``max_tokens``) whose configs are kept.
 MAX_CACHED_CAPS = 32
 
@@ -395,7 +397,7 @@ def _generation_doc(request: type[ChatCompletionRequest | CompletionRequest], an
             }
         },
         "responses": {
-            200: {"model": answer, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            200: {"model": answer, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
             **_errors(400, 401, 404, 408, 413, 415, 429, 502, 503),
         },
     }

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from relay_agents.server.settings import ServerSettings
+if TYPE_CHECKING:  # this module loads in each worker before its health checks: uvicorn only
+    from relay_agents.server.settings import ServerSettings
 
 
 class HeaderDeadlineProtocol(AutoHTTPProtocol):
