@@ -105,18 +105,31 @@ async def arelay(
     user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
+    on_delta: Callable[[RelayDelta], None] | None = None,
 ) -> RelayResult:
     """Relay one answer.
 
     ``conversation_id`` keys the conversation's budget (``config.budget``) in the budget
     store, so it holds across calls and processes; ``user`` keys a pool shared by all that
     user's conversations (``config.user_budget``). With ``checkpointer``, the conversation
-    key defaults to ``thread_id``.
+    key defaults to ``thread_id``. ``on_delta`` sees the answer's text as each model reply is
+    settled (whole replies, not tokens), so a caller knows what an answer that fails half-way
+    has already cost.
     """
     graph = _graph(config, checkpointer)
-    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user)
+    sink = None if on_delta is None else _delta_sink(on_delta)
+    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user, on_delta=sink)
     state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)
     return RelayResult.from_message(state["messages"][-1])
+
+
+def _delta_sink(on_delta: Callable[[RelayDelta], None]) -> Callable[[dict[str, str]], None]:
+    """``on_delta`` as ``RelayContext.on_delta``, which the nodes call with plain dicts."""
+
+    def sink(delta: dict[str, str]) -> None:
+        on_delta(RelayDelta.model_construct(text=delta["text"], source=delta["source"]))
+
+    return sink
 
 
 class RelayStream:
@@ -145,10 +158,7 @@ class RelayStream:
         2.2 ms in the server).
         """
 
-        def sink(delta: dict[str, str]) -> None:
-            on_delta(RelayDelta.model_construct(text=delta["text"], source=delta["source"]))
-
-        context = dataclasses.replace(self._context, on_delta=sink)
+        context = dataclasses.replace(self._context, on_delta=_delta_sink(on_delta))
         state = await self._graph.ainvoke(self._inputs, self._config, context=context)
         self.result = RelayResult.from_message(state["messages"][-1])
         return self.result

@@ -11,14 +11,24 @@ import uvicorn
 
 from relay_agents import RelayConfig
 from relay_agents.server import ServerSettings, create_app
+from relay_agents.server.listen import uvicorn_options
 
 
 @contextlib.asynccontextmanager
 async def serving(config: RelayConfig, settings: ServerSettings | None = None) -> AsyncIterator[str]:
     """Serve ``create_app(config, settings)`` with uvicorn on 127.0.0.1; yields the root URL."""
+    settings = settings or ServerSettings()
     app = create_app(config, settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", backlog=2048)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            backlog=2048,
+            **uvicorn_options(settings),
+        )
     )
     task = asyncio.create_task(server.serve())
     while not server.started:

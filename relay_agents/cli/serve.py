@@ -55,6 +55,7 @@ def serve(
         import uvicorn
 
         from relay_agents.server import ServerSettings, create_app
+        from relay_agents.server.listen import uvicorn_options
         from relay_agents.server.workers import WORKER_APP, worker_environment
     except ImportError as exc:
         raise fail(
@@ -79,7 +80,7 @@ def serve(
             f"(student {config.student.model}, teacher {config.teacher.model}; {keys}{processes})"
         )
         listen = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
-        listen |= {"backlog": 2048, "timeout_graceful_shutdown": 5}
+        listen |= {"backlog": 2048, "timeout_graceful_shutdown": 5, **uvicorn_options(settings)}
         try:
             if settings.workers == 1:
                 uvicorn.run(server_app, **listen)

@@ -9,6 +9,7 @@ cancelled, with its upstream requests, when the client disconnects.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -17,20 +18,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from relay_agents.api import RelayResult, arelay, astream_relay
+from relay_agents.api import RelayDelta, RelayResult, arelay, astream_relay
 from relay_agents.budgets import close_budget_stores, open_budget_store
 from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.server.answers import StreamRenderer, chat_completion, text_completion
 from relay_agents.server.errors import APIError, failure, invalid_request
+from relay_agents.server.limits import FailureLimiter
 from relay_agents.server.metrics import Metrics
 from relay_agents.server.schemas import (
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -46,6 +53,9 @@ from relay_agents.server.streaming import (
 )
 
 CONVERSATION_HEADER = "x-relay-conversation"
+SCHEMA_REF = "#/components/schemas/{model}"
+#: One server-sent event of a stream: ``data`` is a chunk, an error object or ``[DONE]``.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 #: Distinct per-request answer caps (``max_tokens``) whose configs are kept.
 MAX_CACHED_CAPS = 32
 
@@ -94,20 +104,38 @@ class RelayServer:
         self.metrics = Metrics()
         self.created = int(time.time())
         self._configs: dict[int, RelayConfig] = {}
+        self.auth_failures = FailureLimiter(
+            burst=settings.auth_failure_burst,
+            per_s=settings.auth_failures_per_s,
+            max_clients=settings.auth_limiter_clients,
+        )
 
     # -- checks ---------------------------------------------------------------------------
 
     def authorize(self, request: Request) -> str | None:
-        """The budget pool of the request's key (None when the server has no keys), else 401."""
+        """The budget pool of the request's key (None when the server has no keys), else 401;
+        429 for a client address that failed too often lately (see :mod:`.limits`)."""
         if not self.settings.api_keys:
             return None
+        address = request.client.host if request.client else ""
+        wait = self.auth_failures.retry_after(address)
+        if wait:
+            raise APIError(
+                429,
+                f"too many failed authentications from this address; try again in {wait} s",
+                code="rate_limit_exceeded",
+                type="rate_limit_error",
+                headers={"retry-after": str(wait)},
+            )
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            self.auth_failures.failed(address)
             raise APIError(
                 401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
         pool = self.settings.key_pool(key.strip())
         if pool is None:
+            self.auth_failures.failed(address)
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
         return pool
 
@@ -124,13 +152,25 @@ class RelayServer:
         if declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(
-                    413, f"the request body is larger than {limit} bytes", code="request_too_large"
-                )
-            chunks.append(chunk)
+        deadline = self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(
+                            413, f"the request body is larger than {limit} bytes", code="request_too_large"
+                        )
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "the client left while sending its request") from None
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request body did not arrive within {deadline:g} s",
+                code="request_timeout",
+                headers={"connection": "close"},  # the rest of the body is not read
+            ) from None
         return b"".join(chunks)
 
     def parse(self, body: bytes, kind: _Kind) -> ChatCompletionRequest | CompletionRequest:
@@ -186,9 +226,17 @@ class RelayServer:
 
     @staticmethod
     def conversation(request: Request, req: ChatCompletionRequest | CompletionRequest) -> str | None:
-        """The conversation key: the ``X-Relay-Conversation`` header, else the ``user`` field."""
-        header = request.headers.get(CONVERSATION_HEADER)
-        if header is not None:
+        """The conversation key: the ``X-Relay-Conversation`` header, else the ``user`` field.
+
+        The header is read as UTF-8, as the JSON body is, so one id names one budget either way
+        (ASGI servers hand headers over as bytes; Starlette would decode them as Latin-1).
+        """
+        raw = request.headers.get(CONVERSATION_HEADER)
+        if raw is not None:
+            try:
+                header = raw.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise APIError(400, f"the {CONVERSATION_HEADER} header must be UTF-8") from None
             if not header.strip() or len(header) > 256:
                 raise APIError(400, f"the {CONVERSATION_HEADER} header must be 1 to 256 characters")
             return header
@@ -230,10 +278,11 @@ class RelayServer:
         rid: str,
         created: int,
     ) -> Response:
+        paid = _TeacherPaid()
         try:
-            gone, result = await until_disconnect(request.receive, arelay(*run_args, **keys))
+            gone, result = await until_disconnect(request.receive, arelay(*run_args, **keys, on_delta=paid))
         except Exception as exc:
-            raise failure(exc) from exc
+            raise paid.failure(exc) from exc
         if gone:
             return Response(status_code=499)
         assert isinstance(result, RelayResult)
@@ -266,7 +315,7 @@ class RelayServer:
             return Response(status_code=499)
         if isinstance(first[0], End) and first[0].error is not None:
             watcher.stop()
-            raise failure(first[0].error)
+            raise failure(first[0].error)  # no text yet: the teacher has not written either
         encoder = ChunkEncoder(
             chat=kind.chat,
             rid=rid,
@@ -284,10 +333,35 @@ class RelayServer:
         return RelayStreamResponse(run, watcher, first, renderer, on_close)
 
 
+class _TeacherPaid:
+    """Sees an answer's deltas; a failure after the teacher wrote (and was paid for) text is
+    not to be retried blindly: the retry would pay the teacher again."""
+
+    __slots__ = ("paid",)
+
+    def __init__(self) -> None:
+        self.paid = False
+
+    def __call__(self, delta: RelayDelta) -> None:
+        if delta.source == "teacher":
+            self.paid = True
+
+    def failure(self, exc: BaseException) -> APIError:
+        err = failure(exc)
+        if self.paid and err.retry:
+            err.retry = False
+            err.message += "; the teacher was already paid for part of this answer, so a retry pays it again"
+        return err
+
+
 def _relay_keys(conversation: str | None, pool: str | None) -> dict[str, str]:
     """Keyword arguments of ``arelay``/``astream_relay`` naming whose budgets an answer spends:
-    the conversation's (without a key, each request is a conversation of its own) and the API
-    key's pool."""
+    the conversation's (without a conversation id, each request is a conversation of its own)
+    and the API key's pool. With keys, a conversation id lives inside its key's namespace
+    (``<pool>/<id>``; the pool's name has a fixed length, so two keys never share one), so a
+    key that sends another tenant's id starts a conversation of its own."""
+    if conversation is not None and pool is not None:
+        conversation = f"{pool}/{conversation}"
     keys = {"conversation_id": conversation, "user": pool}
     return {name: value for name, value in keys.items() if value is not None}
 
@@ -306,12 +380,61 @@ def _limited(budget: Budget) -> bool:
     )
 
 
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _generation_doc(request: type[ChatCompletionRequest | CompletionRequest], answer: type) -> dict[str, Any]:
+    """The OpenAPI description of a generation route, whose handler reads its body itself (so
+    FastAPI does not see it): the request model, the answer or a stream, the error objects."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": SCHEMA_REF.format(model=request.__name__)}}
+                },
+            }
+        },
+        "responses": {
+            200: {"model": answer, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+            **_errors(400, 401, 404, 408, 413, 415, 429, 502, 503),
+        },
+    }
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the request models the generation routes read themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        _, defs = models_json_schema(
+            [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+            ref_template=SCHEMA_REF,
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(config: RelayConfig, settings: ServerSettings | None = None) -> FastAPI:
-    """The OpenAI-compatible relay server for one relay configuration."""
+    """The OpenAI-compatible relay server for one relay configuration.
+
+    With API keys, the OpenAPI schema needs a key too and the documentation pages are off (a
+    browser opening them sends no key).
+    """
     server = RelayServer(config, settings or ServerSettings())
     if any(_limited(b) for b in (config.budget, config.user_budget)):
         open_budget_store(config.budget_store)  # a bad store fails now, not at the first call
-    app = FastAPI(title="relay-agents", summary="OpenAI-compatible relay decoding server", lifespan=_lifespan)
+    keyed = bool(server.settings.api_keys)
+    app = FastAPI(
+        title="relay-agents",
+        summary="OpenAI-compatible relay decoding server",
+        lifespan=_lifespan,
+        openapi_url=None if keyed else "/openapi.json",
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.relay = server
 
     @app.exception_handler(StarletteHTTPException)
@@ -322,23 +445,23 @@ def create_app(config: RelayConfig, settings: ServerSettings | None = None) -> F
     async def api_error(request: Request, exc: APIError) -> Response:
         return exc.response()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_generation_doc(ChatCompletionRequest, ChatCompletion))
     async def chat_completions(request: Request) -> Response:
         return await server.generate(request, CHAT)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_generation_doc(CompletionRequest, Completion))
     async def completions(request: Request) -> Response:
         return await server.generate(request, TEXT)
 
     def card() -> ModelCard:
         return ModelCard(id=server.settings.model, created=server.created)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401, 429)})
     async def models(request: Request) -> Response:
         server.authorize(request)
         return Response(ModelList(data=[card()]).model_dump_json(), media_type="application/json")
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **_errors(401, 404, 429)})
     async def model(request: Request, model_id: str) -> Response:
         server.authorize(request)
         if model_id != server.settings.model:
@@ -351,8 +474,15 @@ def create_app(config: RelayConfig, settings: ServerSettings | None = None) -> F
     async def health() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    if keyed:
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> Response:
+            server.authorize(request)
+            return JSONResponse(app.openapi())
 
     return app

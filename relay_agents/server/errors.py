@@ -31,6 +31,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "insufficient_quota",
@@ -52,6 +53,7 @@ class APIError(Exception):
         code: str | None = None,
         type: str | None = None,
         retry: bool | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -60,13 +62,16 @@ class APIError(Exception):
         self.code = code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.retry = retry
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> Response:
-        headers = {} if self.retry is None else {"x-should-retry": "true" if self.retry else "false"}
+        headers = dict(self.headers)
+        if self.retry is not None:
+            headers["x-should-retry"] = "true" if self.retry else "false"
         return Response(
             json.dumps(self.body()), status_code=self.status, headers=headers, media_type="application/json"
         )

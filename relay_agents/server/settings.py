@@ -40,6 +40,33 @@ class ServerSettings(BaseModel):
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1, description="Largest request body accepted.")
     max_messages: int = Field(default=256, ge=1)
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a connection has to send a request's headers (from its first byte, or "
+        "from opening); then it is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Time a request has to send its body; then it is answered 408."
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    max_connections: int | None = Field(
+        default=1000,
+        ge=1,
+        description="Open connections (or requests) per process beyond which uvicorn answers 503; "
+        "None: unlimited.",
+    )
+    auth_failure_burst: int = Field(
+        default=10, ge=1, description="Failed authentications a client address may make at once."
+    )
+    auth_failures_per_s: float = Field(
+        default=1.0, gt=0, description="Rate at which a client address earns back failed authentications."
+    )
+    auth_limiter_clients: int = Field(
+        default=4096, ge=1, description="Client addresses the failed-authentication limiter remembers."
+    )
     log_level: str = "info"
     workers: int = Field(
         default=1,
