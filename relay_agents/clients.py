@@ -31,6 +31,9 @@ from relay_agents.prompts import ChatTemplate, instruct_messages
 from relay_agents.transport import AsyncTransport, SyncTransport
 
 OnText = Callable[[str], None]
+#: Called with what a call had received when it is interrupted (cancelled, or its text's
+#: consumer raised), so that its caller can charge the tokens that did arrive.
+OnInterrupt = Callable[[Generation], None]
 #: Called with each generated token (its index in the reply, its log-probabilities); True
 #: cuts the reply just before that token and stops reading it.
 Watch = Callable[[int, TokenLogprob], bool]
@@ -411,25 +414,39 @@ class EndpointClient:
         return {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
     def generate(
-        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
     ) -> Generation:
         """One continuation; with ``on_text`` it streams and ``on_text`` gets each text delta.
 
         ``watch`` (with ``request.logprobs``) sees each token and may cut the reply before one:
         a stream stops there (the connection is closed), a whole reply is cut after the fact.
+        ``on_interrupt`` gets what had arrived when anything but a stream error ends the call.
         """
+        collector = _Collector(self._trim_limit(request), watch)
+        try:
+            return self._generate(request, collector, on_text)
+        except STREAM_ERRORS:
+            raise
+        except BaseException:
+            if on_interrupt is not None:
+                on_interrupt(collector.result())
+            raise
+
+    def _generate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
         url, transport = self._url(api), self.sync_transport
         if self._whole(request, on_text):
-            collector = _Collector(None, watch)
             for attempt in Retrying(**self._retry_args()):
                 with attempt:
                     reply = transport.post_json(url, self._unstreamed(body))
             collector.add(reply)
             return collector.result()
-        collector = _Collector(self._trim_limit(request), watch)
         for attempt in Retrying(**self._retry_args()):
             with attempt:
                 opened = transport.post(url, body)
@@ -453,21 +470,34 @@ class EndpointClient:
         return collector.result()
 
     async def agenerate(
-        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
     ) -> Generation:
-        """Async :meth:`generate`."""
+        """Async :meth:`generate`; a cancelled call hands what had arrived to ``on_interrupt``."""
+        collector = _Collector(self._trim_limit(request), watch)
+        try:
+            return await self._agenerate(request, collector, on_text)
+        except STREAM_ERRORS:
+            raise
+        except BaseException:
+            if on_interrupt is not None:
+                on_interrupt(collector.result())
+            raise
+
+    async def _agenerate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
         url, transport = self._url(api), self.transport
         if self._whole(request, on_text):
-            collector = _Collector(None, watch)
             async for attempt in AsyncRetrying(**self._retry_args()):
                 with attempt:
                     reply = await transport.post_json(url, self._unstreamed(body))
             collector.add(reply)
             return collector.result()
-        collector = _Collector(self._trim_limit(request), watch)
         async for attempt in AsyncRetrying(**self._retry_args()):
             with attempt:
                 opened = transport.post(url, body)
