@@ -37,6 +37,9 @@ from relay_agents.prompts import ChatTemplate, instruct_messages
 from relay_agents.transport import AsyncTransport, SyncTransport
 
 OnText = Callable[[str], None]
+#: Called with what a call had received when it is interrupted (cancelled, or its text's
+#: consumer raised), so that its caller can charge the tokens that did arrive.
+OnInterrupt = Callable[[Generation], None]
 #: Called with each generated token (its index in the reply, its log-probabilities); True
 #: cuts the reply just before that token and stops reading it.
 Watch = Callable[[int, TokenLogprob], bool]
@@ -513,50 +516,67 @@ class EndpointClient:
             return None
 
     def generate(
-        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
     ) -> Generation:
         """One continuation; with ``on_text`` it streams and ``on_text`` gets each text delta.
 
         ``watch`` (with ``request.logprobs``) sees each token and may cut the reply before one:
         a stream stops there (the connection is closed), a whole reply is cut after the fact.
+        ``on_interrupt`` gets what had arrived when anything but a stream error ends the call.
         A failure (raised, or a stream's ``error``) names the role, the URL and a hint.
         """
+        collector = _Collector(self._trim_limit(request), watch)
         try:
-            gen = self._generate(request, on_text, watch)
+            gen = self._generate(request, collector, on_text)
         except STREAM_ERRORS as exc:
             explain_failure(exc, self.endpoint, self.role, self._served() if model_missing(exc) else None)
+            raise
+        except BaseException:
+            if on_interrupt is not None:
+                on_interrupt(collector.result())
             raise
         if gen.error is not None:
             explain_failure(gen.error, self.endpoint, self.role, None)
         return gen
 
     async def agenerate(
-        self, request: Request, on_text: OnText | None = None, watch: Watch | None = None
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
     ) -> Generation:
-        """Async :meth:`generate`."""
+        """Async :meth:`generate`; a cancelled call hands what had arrived to ``on_interrupt``."""
+        collector = _Collector(self._trim_limit(request), watch)
         try:
-            gen = await self._agenerate(request, on_text, watch)
+            gen = await self._agenerate(request, collector, on_text)
         except STREAM_ERRORS as exc:
             served = await self._aserved() if model_missing(exc) else None
             explain_failure(exc, self.endpoint, self.role, served)
+            raise
+        except BaseException:
+            if on_interrupt is not None:
+                on_interrupt(collector.result())
             raise
         if gen.error is not None:
             explain_failure(gen.error, self.endpoint, self.role, None)
         return gen
 
-    def _generate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
+    def _generate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
         prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
         url, transport = self._url(api), self.sync_transport
         if self._whole(request, on_text):
-            collector = _Collector(None, watch)
             for attempt in Retrying(**self._retry_args()):
                 with attempt:
                     reply = transport.post_json(url, self._unstreamed(body))
             collector.add(reply)
             return collector.result()
-        collector = _Collector(self._trim_limit(request), watch)
         for attempt in Retrying(**self._retry_args()):
             with attempt:
                 opened = transport.post(url, body)
@@ -579,19 +599,17 @@ class EndpointClient:
             opened.__exit__(None, None, None)
         return collector.result()
 
-    async def _agenerate(self, request: Request, on_text: OnText | None, watch: Watch | None) -> Generation:
+    async def _agenerate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
         url, transport = self._url(api), self.transport
         if self._whole(request, on_text):
-            collector = _Collector(None, watch)
             async for attempt in AsyncRetrying(**self._retry_args()):
                 with attempt:
                     reply = await transport.post_json(url, self._unstreamed(body))
             collector.add(reply)
             return collector.result()
-        collector = _Collector(self._trim_limit(request), watch)
         async for attempt in AsyncRetrying(**self._retry_args()):
             with attempt:
                 opened = transport.post(url, body)

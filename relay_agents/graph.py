@@ -46,7 +46,6 @@ from relay_agents.core.answer import (
     AnswerState,
     Delta,
     Ledger,
-    ReservationDict,
     apply_reservation,
     budget_declined,
     call_quote,
@@ -63,8 +62,8 @@ from relay_agents.core.answer import (
     student_request,
     teacher_request,
 )
-from relay_agents.core.config import ByDigest, RelayConfig
-from relay_agents.core.grants import CallQuote, ScopeKind, Spend, has_limits
+from relay_agents.core.config import ByDigest, RelayConfig, hold_ttl_s
+from relay_agents.core.grants import Balance, CallQuote, ScopeKind, Spend, has_limits
 from relay_agents.core.policies import TurnPlan
 from relay_agents.core.protocol import CleanTextFilter
 from relay_agents.core.types import Generation, Request
@@ -260,12 +259,17 @@ class _StudentStep:
 
 @dataclass(slots=True)
 class _TeacherStep:
-    """What one teacher call needs, planned before its request goes out."""
+    """What one teacher call needs, planned before its hold is taken and its request goes out."""
 
+    answer: AnswerState
     call: _TeacherCall
-    request: Request
-    on_text: Callable[[str], None] | None
-    reservation: ReservationDict | None
+    live: bool
+    scopes: list[Scope]
+    quote: CallQuote | None
+
+    @property
+    def on_text(self) -> Callable[[str], None] | None:
+        return self.call.on_text if self.live else None
 
 
 class RelayNodes:
@@ -335,8 +339,8 @@ class RelayNodes:
             request=student_request(answer, self.config, plan),
         )
 
-    def _after_student(self, step: _StudentStep, gen: Generation) -> tuple[AnswerState, CallQuote | None]:
-        """Apply the student's turn; the quote to reserve in the store, when it called."""
+    def _after_student(self, step: _StudentStep, gen: Generation) -> AnswerState:
+        """Apply the student's turn (a call it asks for is held by the teacher step)."""
         if gen.error is not None:
             raise gen.error  # without the student there is no answer to continue
         turn = step.turn
@@ -353,9 +357,7 @@ class RelayNodes:
             step.plan,
         )
         _write(turn.writer, deltas)
-        if answer["call"] is None or not step.scopes:
-            return answer, None
-        return answer, call_quote(answer, self.config, answer["call"]["granted"])
+        return self._held(answer, turn.writer, None)
 
     def _held(self, answer: AnswerState, writer: Writer, reserved: Reservation | None) -> AnswerState:
         """Apply the store's grant (if the call went to a store) and the raise-when-spent policy."""
@@ -376,34 +378,44 @@ class RelayNodes:
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = self.student_client.generate(step.request, step.on_text, step.watch)
-        answer, quote = self._after_student(step, gen)
-        reserved = self.budget_store.reserve(step.scopes, quote) if quote is not None else None
-        answer = self._held(answer, step.turn.writer, reserved)
-        spent = self._spent(step.scopes) if route(answer) == "finish" else None
-        return self._update(answer, step.ledger, spent)
+        answer = self._after_student(step, gen)
+        balances = self._balances(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, step.ledger, balances)
 
     async def astudent(self, state: RelayState) -> dict[str, Any]:
         step = self._student_turn(state)
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = await self.student_client.agenerate(step.request, step.on_text, step.watch)
-        answer, quote = self._after_student(step, gen)
-        reserved = await self.budget_store.areserve(step.scopes, quote) if quote is not None else None
-        answer = self._held(answer, step.turn.writer, reserved)
-        spent = await self._aspent(step.scopes) if route(answer) == "finish" else None
-        return self._update(answer, step.ledger, spent)
+        answer = self._after_student(step, gen)
+        balances = await self._abalances(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, step.ledger, balances)
 
     # teacher -------------------------------------------------------------------------
 
+    # A call's hold is taken and settled inside the teacher step, in one try/finally: no step
+    # boundary lies between them, so no cancellation, error or interrupt between two steps can
+    # leave a hold behind, whoever runs the graph. The settle charges what the teacher delivered,
+    # a cancelled stream's tokens too (``on_interrupt``).
+
     def _teacher_call(self, state: RelayState) -> _TeacherStep:
         context = _context()
-        call = _TeacherCall(state["answer"], context.writer())
+        answer = state["answer"]
+        call = answer["call"]
+        assert call is not None
+        scopes = self._scopes()
         return _TeacherStep(
-            call=call,
-            request=teacher_request(state["answer"], self.config),
-            on_text=call.on_text if context.stream_tokens else None,
-            reservation=_reservation(state["answer"]),
+            answer=answer,
+            call=_TeacherCall(answer, context.writer()),
+            live=context.stream_tokens,
+            scopes=scopes,
+            quote=call_quote(answer, self.config, call["granted"]) if scopes else None,
         )
+
+    def _granted(self, step: _TeacherStep, reserved: Reservation | None) -> Request | None:
+        """Apply the store's grant to the step; the teacher's request, None when declined."""
+        step.answer = self._held(step.answer, step.call.writer, reserved)
+        return None if step.answer["call"] is None else teacher_request(step.answer, self.config)
 
     def _charged(self, gen: Generation | None) -> Spend:
         """What the store is charged for a call: only text actually received."""
@@ -413,76 +425,97 @@ class RelayNodes:
         return Spend(gen.completion_tokens, 1, cost)
 
     def _after_teacher(
-        self, state: RelayState, call: _TeacherCall, gen: Generation | None, error: BaseException | None
+        self, state: RelayState, step: _TeacherStep, gen: Generation | None, error: BaseException | None
     ) -> tuple[AnswerState, Ledger]:
+        if step.answer["call"] is None:  # declined by the store
+            return step.answer, state["ledger"]
         failed = error if gen is None else gen.error
         if failed is not None and self.config.on_teacher_failure == "raise":
             raise failed
+        call = step.call
         if gen is not None:
             call.flush_held()
             if not call.streamed:
                 call.write(call.filter.feed(gen.text))
             call.write(call.filter.finish(answered_call=False))
-        answer, ledger, deltas = finish_teacher_call(
-            state["answer"], state["ledger"], self.config, gen, error
-        )
+        answer, ledger, deltas = finish_teacher_call(step.answer, state["ledger"], self.config, gen, error)
         _write(call.writer, deltas)
         return answer, ledger
 
     def teacher(self, state: RelayState) -> dict[str, Any]:
         step = self._teacher_call(state)
+        reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
+        interrupted: list[Generation] = []
         try:
-            gen = self.teacher_client.generate(step.request, step.on_text)
-        except STREAM_ERRORS as exc:
-            error = exc
+            if step.quote is not None:
+                reserved = self.budget_store.reserve(step.scopes, step.quote, ttl_s=hold_ttl_s(self.config))
+            request = self._granted(step, reserved)
+            if request is not None:
+                try:
+                    gen = self.teacher_client.generate(request, step.on_text, on_interrupt=interrupted.append)
+                except STREAM_ERRORS as exc:
+                    error = exc
         finally:
             gen, error = _answered(gen, error)
-            if (held := step.reservation) is not None:
-                self.budget_store.settle(held["id"], held["keys"], self._charged(gen))
-        answer, ledger = self._after_teacher(state, step.call, gen, error)
-        spent = self._spent(self._scopes()) if route(answer) == "finish" else None
-        return self._update(answer, ledger, spent)
+            if reserved is not None and reserved.id is not None:
+                delivered = gen if gen is not None else _delivered(interrupted)
+                self.budget_store.settle(reserved.id, reserved.keys, self._charged(delivered))
+        answer, ledger = self._after_teacher(state, step, gen, error)
+        balances = self._balances(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, ledger, balances)
 
     async def ateacher(self, state: RelayState) -> dict[str, Any]:
         step = self._teacher_call(state)
+        reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
+        interrupted: list[Generation] = []
         try:
-            gen = await self.teacher_client.agenerate(step.request, step.on_text)
-        except STREAM_ERRORS as exc:
-            error = exc
+            if step.quote is not None:
+                reserved = await self.budget_store.areserve(
+                    step.scopes, step.quote, ttl_s=hold_ttl_s(self.config)
+                )
+            request = self._granted(step, reserved)
+            if request is not None:
+                try:
+                    gen = await self.teacher_client.agenerate(
+                        request, step.on_text, on_interrupt=interrupted.append
+                    )
+                except STREAM_ERRORS as exc:
+                    error = exc
         finally:
             gen, error = _answered(gen, error)
-            if (held := step.reservation) is not None:
-                await asyncio.shield(self.budget_store.asettle(held["id"], held["keys"], self._charged(gen)))
-        answer, ledger = self._after_teacher(state, step.call, gen, error)
-        spent = await self._aspent(self._scopes()) if route(answer) == "finish" else None
-        return self._update(answer, ledger, spent)
+            if reserved is not None and reserved.id is not None:
+                delivered = gen if gen is not None else _delivered(interrupted)
+                await self.budget_store.asettle(reserved.id, reserved.keys, self._charged(delivered))
+        answer, ledger = self._after_teacher(state, step, gen, error)
+        balances = await self._abalances(step.scopes) if route(answer) == "finish" else None
+        return self._update(answer, ledger, balances)
 
     # the end of the answer ------------------------------------------------------------
 
-    def _spent(self, scopes: list[Scope]) -> dict[ScopeKind, Spend]:
-        spent = self.budget_store.spent([s.key for s in scopes]) if scopes else {}
-        return {s.kind: spent[s.key] for s in scopes}
+    def _balances(self, scopes: list[Scope]) -> dict[ScopeKind, Balance]:
+        balances = self.budget_store.balances([s.key for s in scopes]) if scopes else {}
+        return {s.kind: balances[s.key] for s in scopes}
 
-    async def _aspent(self, scopes: list[Scope]) -> dict[ScopeKind, Spend]:
-        spent = await self.budget_store.aspent([s.key for s in scopes]) if scopes else {}
-        return {s.kind: spent[s.key] for s in scopes}
+    async def _abalances(self, scopes: list[Scope]) -> dict[ScopeKind, Balance]:
+        balances = await self.budget_store.abalances([s.key for s in scopes]) if scopes else {}
+        return {s.kind: balances[s.key] for s in scopes}
 
     def _update(
         self,
         answer: AnswerState,
         ledger: Ledger,
-        store_spent: dict[ScopeKind, Spend] | None,
+        store_balances: dict[ScopeKind, Balance] | None,
     ) -> dict[str, Any]:
-        """The node's state update; once the answer is finished (``store_spent`` read), the
+        """The node's state update; once the answer is finished (``store_balances`` read), the
         reply too: the node that ends the answer writes it, which saves LangGraph a step."""
         update: dict[str, Any] = {"answer": answer, "ledger": ledger}
-        if store_spent is None:
+        if store_balances is None:
             return update
-        record = relay_record(answer, ledger, self.config, store_spent)
+        record = relay_record(answer, ledger, self.config, store_balances)
         input_tokens = answer["student_prompt_tokens"] + answer["teacher_prompt_tokens"]
         output_tokens = answer["student_tokens"] + answer["teacher_tokens"]
         update["messages"] = [
@@ -503,9 +536,9 @@ class RelayNodes:
         return update
 
 
-def _reservation(answer: AnswerState) -> ReservationDict | None:
-    call = answer["call"]
-    return None if call is None else call.get("reservation")
+def _delivered(interrupted: list[Generation]) -> Generation | None:
+    """What an interrupted teacher call had received (its client's account), if it was one."""
+    return interrupted[0] if interrupted else None
 
 
 def _answered(

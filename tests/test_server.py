@@ -73,7 +73,14 @@ async def test_a_chat_completion_is_relayed(scripted: ScriptedServer) -> None:
         r["prompt"] for r in generations(scripted, "teacher")
     ]
     assert usage.prompt_tokens == sum(len(tokenize(p)) for p in sent)
-    assert extra["budget_remaining"] == {"teacher_tokens": None, "teacher_calls": None, "cost_usd": None}
+    assert extra["budget_remaining"] == {
+        "teacher_tokens": None,
+        "teacher_calls": None,
+        "cost_usd": None,
+        "held_teacher_tokens": 0,
+        "held_teacher_calls": 0,
+        "held_cost_usd": 0.0,
+    }
     # whole replies: the upstream requests are not streamed either
     assert not any(r["body"].get("stream") for r in generations(scripted, "student"))
 

@@ -72,6 +72,9 @@ async def test_each_api_key_has_its_own_pool(scripted: ScriptedServer, tmp_path:
         "teacher_tokens": None,
         "teacher_calls": 1,
         "cost_usd": None,
+        "held_teacher_tokens": 0,
+        "held_teacher_calls": 0,
+        "held_cost_usd": 0.0,
     }
     assert relay_of(a2)["budget_remaining"]["teacher_calls"] == 0
     assert relay_of(b1)["user_budget_remaining"]["teacher_calls"] == 1

@@ -10,11 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from relay_agents.budgets.base import BudgetStore, Scope
-from relay_agents.core.grants import CallQuote, Grant, Spend
+from relay_agents.core.grants import Balance, CallQuote, Grant, Spend
 
 try:
+    from psycopg import Connection
     from psycopg_pool import ConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -66,7 +68,18 @@ class PostgresBudgetStore(BudgetStore):
                     self._opened = True
         return self._pool
 
-    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> Grant:
+    @staticmethod
+    def _held(conn: Connection[Any], keys: Sequence[str], now: float) -> dict[str, Spend]:
+        held = {key: Spend() for key in keys}
+        for scope, tokens, calls, cost in conn.execute(
+            "SELECT scope, SUM(teacher_tokens), SUM(teacher_calls), SUM(cost_usd) "
+            "FROM relay_budget_holds WHERE scope = ANY(%s) AND expires_at >= %s GROUP BY scope",
+            (list(keys), now),
+        ):
+            held[scope] = Spend(int(tokens), int(calls), float(cost))
+        return held
+
+    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str, ttl_s: float) -> Grant:
         keys = sorted({s.key for s in scopes})
         now = time.time()
         with self.pool.connection() as conn, conn.transaction():
@@ -75,23 +88,17 @@ class PostgresBudgetStore(BudgetStore):
                 "ON CONFLICT (scope) DO NOTHING",
                 (keys,),
             )
-            used: dict[str, Spend] = {}
+            spent: dict[str, Spend] = {}
             for scope, tokens, calls, cost in conn.execute(
                 "SELECT scope, teacher_tokens, teacher_calls, cost_usd FROM relay_budget_spend "
                 "WHERE scope = ANY(%s) ORDER BY scope FOR UPDATE",
                 (keys,),
             ):
-                used[scope] = Spend(tokens, calls, cost)
+                spent[scope] = Spend(tokens, calls, cost)
             conn.execute(
                 "DELETE FROM relay_budget_holds WHERE scope = ANY(%s) AND expires_at < %s", (keys, now)
             )
-            for scope, tokens, calls, cost in conn.execute(
-                "SELECT scope, SUM(teacher_tokens), SUM(teacher_calls), SUM(cost_usd) "
-                "FROM relay_budget_holds WHERE scope = ANY(%s) GROUP BY scope",
-                (keys,),
-            ):
-                used[scope] = used.get(scope, Spend()) + Spend(int(tokens), int(calls), float(cost))
-            grant = self._decide(scopes, quote, used)
+            grant = self._decide(scopes, quote, spent, self._held(conn, keys, now))
             if grant.granted > 0:
                 with conn.cursor() as cur:
                     cur.executemany(
@@ -102,7 +109,7 @@ class PostgresBudgetStore(BudgetStore):
                                 key,
                                 grant.granted,
                                 quote.cost(grant.granted),
-                                now + self.reservation_ttl_s,
+                                now + ttl_s,
                             )
                             for key in keys
                         ],
@@ -126,18 +133,19 @@ class PostgresBudgetStore(BudgetStore):
                         ],
                     )
 
-    def spent(self, keys: Sequence[str]) -> dict[str, Spend]:
-        out = {key: Spend() for key in keys}
+    def balances(self, keys: Sequence[str]) -> dict[str, Balance]:
         if not keys:
-            return out
+            return {}
+        spent = {key: Spend() for key in keys}
         with self.pool.connection() as conn:
             for scope, tokens, calls, cost in conn.execute(
                 "SELECT scope, teacher_tokens, teacher_calls, cost_usd FROM relay_budget_spend "
                 "WHERE scope = ANY(%s)",
                 (list(keys),),
             ):
-                out[scope] = Spend(tokens, calls, cost)
-        return out
+                spent[scope] = Spend(tokens, calls, cost)
+            held = self._held(conn, keys, time.time())
+        return {key: Balance(spent[key], held[key]) for key in keys}
 
     def close(self) -> None:
         self._pool.close()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from relay_agents.budgets.base import BudgetStore, Scope
-from relay_agents.core.grants import CallQuote, Grant, Spend
+from relay_agents.core.grants import Balance, CallQuote, Grant, Spend
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relay_budget_spend (
@@ -80,27 +80,36 @@ class SQLiteBudgetStore(BudgetStore):
             raise
         conn.execute("COMMIT")
 
-    def _used(self, conn: sqlite3.Connection, keys: Sequence[str], now: float) -> dict[str, Spend]:
+    def _balances(
+        self, conn: sqlite3.Connection, keys: Sequence[str], now: float
+    ) -> tuple[dict[str, Spend], dict[str, Spend]]:
+        """(spent, held by live holds) of each key."""
         marks = ",".join("?" * len(keys))
-        conn.execute(
-            f"DELETE FROM relay_budget_holds WHERE scope IN ({marks}) AND expires_at < ?", (*keys, now)
+        spent = {key: Spend() for key in keys}
+        held = {key: Spend() for key in keys}
+        queries = (
+            (spent, "relay_budget_spend", "", ()),
+            (held, "relay_budget_holds", "AND expires_at >= ?", (now,)),
         )
-        used = {key: Spend() for key in keys}
-        for table in ("relay_budget_spend", "relay_budget_holds"):
+        for out, table, live, args in queries:
             rows = conn.execute(
                 f"SELECT scope, SUM(teacher_tokens), SUM(teacher_calls), SUM(cost_usd) FROM {table} "
-                f"WHERE scope IN ({marks}) GROUP BY scope",
-                tuple(keys),
+                f"WHERE scope IN ({marks}) {live} GROUP BY scope",
+                (*keys, *args),
             )
             for scope, tokens, calls, cost in rows:
-                used[scope] = used[scope] + Spend(tokens, calls, cost)
-        return used
+                out[scope] = Spend(tokens, calls, cost)
+        return spent, held
 
-    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str) -> Grant:
+    def _reserve(self, scopes: Sequence[Scope], quote: CallQuote, reservation_id: str, ttl_s: float) -> Grant:
         keys = [s.key for s in scopes]
         now = time.time()
+        marks = ",".join("?" * len(keys))
         with self._transaction() as conn:
-            grant = self._decide(scopes, quote, self._used(conn, keys, now))
+            conn.execute(
+                f"DELETE FROM relay_budget_holds WHERE scope IN ({marks}) AND expires_at < ?", (*keys, now)
+            )
+            grant = self._decide(scopes, quote, *self._balances(conn, keys, now))
             if grant.granted > 0:
                 conn.executemany(
                     "INSERT INTO relay_budget_holds VALUES (?, ?, ?, 1, ?, ?)",
@@ -110,7 +119,7 @@ class SQLiteBudgetStore(BudgetStore):
                             key,
                             grant.granted,
                             quote.cost(grant.granted),
-                            now + self.reservation_ttl_s,
+                            now + ttl_s,
                         )
                         for key in keys
                     ],
@@ -129,19 +138,11 @@ class SQLiteBudgetStore(BudgetStore):
                     [(key, spend.teacher_tokens, spend.teacher_calls, spend.cost_usd) for key in keys],
                 )
 
-    def spent(self, keys: Sequence[str]) -> dict[str, Spend]:
-        out = {key: Spend() for key in keys}
+    def balances(self, keys: Sequence[str]) -> dict[str, Balance]:
         if not keys:
-            return out
-        marks = ",".join("?" * len(keys))
-        rows = self._connection().execute(
-            "SELECT scope, teacher_tokens, teacher_calls, cost_usd FROM relay_budget_spend "
-            f"WHERE scope IN ({marks})",
-            tuple(keys),
-        )
-        for scope, tokens, calls, cost in rows:
-            out[scope] = Spend(tokens, calls, cost)
-        return out
+            return {}
+        spent, held = self._balances(self._connection(), keys, time.time())
+        return {key: Balance(spent[key], held[key]) for key in keys}
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from typing import Literal, TypedDict
 
 from relay_agents.core.config import RelayConfig
 from relay_agents.core.grants import (
+    Balance,
     Blocked,
     BudgetLimit,
     CallQuote,
@@ -395,9 +396,23 @@ _DECLINE_TEXT = {
 }
 
 
+def _held_text(reason: str, held: Spend) -> str:
+    """What calls in flight hold of the quantity that declined a call ("" when nothing)."""
+    if reason == "budget_tokens" and held.teacher_tokens:
+        return f"{held.teacher_tokens} held"
+    if reason == "budget_calls" and held.teacher_calls:
+        return f"{held.teacher_calls} held"
+    if reason == "budget_cost" and held.cost_usd > 0:
+        return f"${held.cost_usd:.6f} held"
+    return ""
+
+
 def _decline_event(grant: Grant) -> EventDict:
     assert grant.declined is not None
     why = _DECLINE_TEXT[grant.declined].format(scope=_SCOPE_TEXT[grant.scope])
+    held = _held_text(grant.declined, grant.held)
+    if held:
+        why += f" ({held} by calls in flight)"
     event: EventDict = {
         "kind": "declined_call",
         "message": f"call for {grant.requested} tokens declined: {why}",
@@ -599,14 +614,15 @@ def relay_record(
     answer: AnswerState,
     ledger: Ledger,
     config: RelayConfig,
-    store_spent: dict[ScopeKind, Spend] | None = None,
+    store_balances: dict[ScopeKind, Balance] | None = None,
 ) -> RelayRecord:
     """The relay's account of one finished answer.
 
     ``budget`` describes the conversation (from the budget store when one keeps it, else from
     the thread's ledger); ``user_budget`` the user's pool when one applies.
     """
-    store_spent = store_spent or {}
+    store = store_balances or {}
+    conversation = store.get("conversation")
     turn = Spend(answer["teacher_tokens"], answer["teacher_calls"], answer["teacher_cost_usd"])
     return RelayRecord(
         spans=[Span(**s) for s in answer["spans"]],
@@ -625,9 +641,15 @@ def relay_record(
         finish_reason=answer["finish_reason"],
         finished_by=answer["finished_by"],
         events=[RelayEvent(**e) for e in answer["events"]],
-        budget=BudgetState.of(config.budget, store_spent.get("conversation") or ledger_spend(ledger)),
+        budget=(
+            BudgetState.of(config.budget, conversation.spent, conversation.held)
+            if conversation is not None
+            else BudgetState.of(config.budget, ledger_spend(ledger))
+        ),
         user_budget=(
-            BudgetState.of(config.user_budget, store_spent["user"]) if "user" in store_spent else None
+            BudgetState.of(config.user_budget, store["user"].spent, store["user"].held)
+            if "user" in store
+            else None
         ),
         turn_budget=BudgetState.of(config.turn_budget, turn) if has_limits(config.turn_budget) else None,
         student_model=config.student.model,

@@ -132,6 +132,12 @@ class RelayConfig(_Strict):
         description="Where conversation and user budgets persist: ``sqlite:///PATH``, a file path, "
         "or ``postgresql://...``; default a SQLite file under ~/.local/state/relay-agents.",
     )
+    budget_hold_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds a teacher call's hold on the budgets lives when its process dies before "
+        "settling it (a killed worker); default: sized from the teacher's deadline (hold_ttl_s).",
+    )
     on_budget_exhausted: Literal["continue", "raise"] = Field(
         default="continue",
         description="`continue`: the student finishes alone and the result says so; "
@@ -203,6 +209,25 @@ class RelayConfig(_Strict):
         if "{question}" not in value:
             raise ValueError("must contain the placeholder {question}")
         return value
+
+
+def teacher_deadline_s(teacher: Endpoint) -> float:
+    """The longest a teacher call waits for its first token: no try starts after
+    ``retry_deadline``, and the last one may take ``connect_timeout`` to connect and ``timeout``
+    for its first chunk (35 s by default)."""
+    return teacher.retry_deadline + teacher.connect_timeout + teacher.timeout
+
+
+def hold_ttl_s(config: RelayConfig) -> float:
+    """How long a teacher call's hold outlives a process that died holding it.
+
+    ``budget_hold_ttl_s`` when set; else twice the teacher's deadline (70 s by default): a call
+    whose first token came by its deadline has as long again to stream. A live call settles its
+    hold itself; this bounds only how long a killed worker keeps its conversation's budget held.
+    """
+    if config.budget_hold_ttl_s is not None:
+        return config.budget_hold_ttl_s
+    return 2 * teacher_deadline_s(config.teacher)
 
 
 def identity(model: BaseModel) -> str:

@@ -61,6 +61,19 @@ class Spend:
         return cls(data["teacher_tokens"], data["teacher_calls"], data["cost_usd"])
 
 
+#: No spend: the default of what is held.
+NOTHING = Spend()
+
+
+@dataclass(frozen=True)
+class Balance:
+    """One budget's standing in a store: what settled calls were charged, and what the calls
+    still in flight hold."""
+
+    spent: Spend = NOTHING
+    held: Spend = NOTHING
+
+
 @dataclass(frozen=True)
 class CallQuote:
     """What one teacher call may cost: ``tokens`` wanted, the estimated prompt cost, and the
@@ -84,6 +97,8 @@ class Grant:
     limited_by: str | None = None
     declined: DeclineReason | None = None
     scope: ScopeKind | None = None
+    held: Spend = NOTHING
+    """What calls in flight hold in the budget that declined the call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +118,12 @@ class TokenCap:
 
 @dataclass(frozen=True, slots=True)
 class BudgetLimit:
-    """What ``budget`` allows in ``scope`` after ``used`` (spent, plus held by other calls)."""
+    """What ``budget`` allows in ``scope`` after ``used`` (spent, plus ``held`` by other calls)."""
 
     scope: ScopeKind
     budget: Budget
     used: Spend
+    held: Spend = NOTHING
 
 
 Limit = Blocked | TokenCap | BudgetLimit
@@ -131,21 +147,22 @@ def grant(quote: CallQuote, limits: Iterable[Limit]) -> Grant:
             caps: list[tuple[DeclineReason, int | None]] = [("answer_tokens", limit.tokens)]
             names = [limit.name]
             limit_scope: ScopeKind | None = None
+            held = NOTHING
         else:
             budget, used = limit.budget, limit.used
             if budget.max_teacher_calls is not None and budget.max_teacher_calls - used.teacher_calls <= 0:
-                return Grant(requested, 0, None, "budget_calls", limit.scope)
+                return Grant(requested, 0, None, "budget_calls", limit.scope, limit.held)
             tokens_left = (
                 None if budget.max_teacher_tokens is None else budget.max_teacher_tokens - used.teacher_tokens
             )
             caps = [("budget_tokens", tokens_left), ("budget_cost", _cost_tokens(budget, used, quote))]
             names = ["budget_tokens", "budget_cost"]
-            limit_scope = limit.scope
+            limit_scope, held = limit.scope, limit.held
         for (reason, cap), name in zip(caps, names, strict=True):
             if cap is not None and cap < granted:
                 granted, limited_by, scope = max(cap, 0), name, limit_scope
                 if granted == 0:
-                    return Grant(requested, 0, name, reason, limit_scope)
+                    return Grant(requested, 0, name, reason, limit_scope, held)
     return Grant(requested, granted, limited_by, None, scope)
 
 
@@ -167,15 +184,18 @@ def has_limits(budget: Budget | None) -> bool:
     )
 
 
-def remaining(budget: Budget, spent: Spend) -> dict[str, float | int | None]:
+def remaining(budget: Budget, spent: Spend, held: Spend = NOTHING) -> dict[str, float | int | None]:
+    """What a new call could still be granted: the limits less ``spent`` and less what calls in
+    flight ``held``."""
+    used = spent + held
     return {
         "remaining_teacher_tokens": None
         if budget.max_teacher_tokens is None
-        else budget.max_teacher_tokens - spent.teacher_tokens,
+        else budget.max_teacher_tokens - used.teacher_tokens,
         "remaining_teacher_calls": None
         if budget.max_teacher_calls is None
-        else budget.max_teacher_calls - spent.teacher_calls,
-        "remaining_cost_usd": None if budget.max_cost_usd is None else budget.max_cost_usd - spent.cost_usd,
+        else budget.max_teacher_calls - used.teacher_calls,
+        "remaining_cost_usd": None if budget.max_cost_usd is None else budget.max_cost_usd - used.cost_usd,
     }
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from relay_agents.core.config import Budget
-from relay_agents.core.grants import ScopeKind, Spend, exhausted, remaining
+from relay_agents.core.grants import NOTHING, ScopeKind, Spend, exhausted, remaining
 
 Source = Literal["student", "teacher"]
 
@@ -61,13 +61,18 @@ class BudgetState(BaseModel):
     spent_teacher_tokens: int = 0
     spent_teacher_calls: int = 0
     spent_cost_usd: float = 0.0
+    held_teacher_tokens: int = 0
+    """Tokens held by calls still in flight: not spent yet, not free either."""
+    held_teacher_calls: int = 0
+    held_cost_usd: float = 0.0
     remaining_teacher_tokens: int | None = None
     remaining_teacher_calls: int | None = None
     remaining_cost_usd: float | None = None
     exhausted: bool = False
 
     @classmethod
-    def of(cls, budget: Budget, spent: Spend) -> BudgetState:
+    def of(cls, budget: Budget, spent: Spend, held: Spend = NOTHING) -> BudgetState:
+        """``remaining_*`` is what a new call could be granted: less what is spent and held."""
         return cls(
             max_teacher_tokens=budget.max_teacher_tokens,
             max_teacher_calls=budget.max_teacher_calls,
@@ -75,7 +80,10 @@ class BudgetState(BaseModel):
             spent_teacher_tokens=spent.teacher_tokens,
             spent_teacher_calls=spent.teacher_calls,
             spent_cost_usd=spent.cost_usd,
-            **remaining(budget, spent),
+            held_teacher_tokens=held.teacher_tokens,
+            held_teacher_calls=held.teacher_calls,
+            held_cost_usd=held.cost_usd,
+            **remaining(budget, spent, held),
             exhausted=exhausted(budget, spent),
         )
 

@@ -35,6 +35,9 @@ def _remaining(*states: BudgetState) -> BudgetRemaining:
         teacher_tokens=None if tokens is None else int(tokens),
         teacher_calls=None if calls is None else int(calls),
         cost_usd=_least(*(s.remaining_cost_usd for s in states)),
+        held_teacher_tokens=max(s.held_teacher_tokens for s in states),
+        held_teacher_calls=max(s.held_teacher_calls for s in states),
+        held_cost_usd=max(s.held_cost_usd for s in states),
     )
 
 

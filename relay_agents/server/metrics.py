@@ -4,12 +4,15 @@ Each app gets its own registry, so several apps (tests, one process serving two 
 never share or collide on counters. Label sets are small and fixed: no per-user labels.
 Under ``serve --workers N`` prometheus-client runs in multiprocess mode (its directory
 variable is set before the workers start): every worker writes its values to files there,
-and ``/metrics`` sums them over all workers.
+and ``/metrics`` sums them over all workers. A worker killed without closing (``kill -9``, the
+OOM killer) leaves its in-flight gauge behind; ``/metrics`` drops the gauges of processes that
+no longer exist before it sums (uvicorn's supervisor reaps a dead worker as it replaces it).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -104,6 +107,7 @@ class Metrics:
     def render(self) -> bytes:
         if not self.multiprocess:
             return generate_latest(self.registry)
+        forget_dead_workers(os.environ[METRICS_DIR_VAR])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -112,3 +116,21 @@ class Metrics:
         """A worker that stops takes its requests in flight out of the sum."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Take the live gauges (``livesum``, ...) of processes that are gone out of ``directory``."""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -190,11 +190,15 @@ def openai_finish_reason(relay_reason: str | None) -> FinishReason:
 
 
 class BudgetRemaining(BaseModel):
-    """What the conversation may still spend on the teacher; ``None`` means unlimited."""
+    """What the conversation may still spend on the teacher (``None``: unlimited), less what
+    its calls in flight hold; ``held_*`` is that hold (released or charged when they end)."""
 
     teacher_tokens: int | None = None
     teacher_calls: int | None = None
     cost_usd: float | None = None
+    held_teacher_tokens: int = 0
+    held_teacher_calls: int = 0
+    held_cost_usd: float = 0.0
 
 
 class RelayUsageInfo(RelayUsage):
