@@ -4,6 +4,7 @@ server and real budget stores (a SQLite file; PostgreSQL for the concurrency pro
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ async def test_64_concurrent_requests_in_one_conversation_never_overspend(
     scripted.configure(latency_s=0.05)
     for i in range(64):
         script_calls(scripted, f"Q-many-{i:02d}.")
-    conversation = f"many-{store}-{tmp_path.name}"
+    conversation = f"many-{store}-{uuid.uuid4().hex}"  # unique in a reused PostgreSQL database
     config = relay_config(
         scripted, budget_store=url, budget=Budget(max_teacher_tokens=60, max_teacher_calls=20)
     )
