@@ -29,10 +29,12 @@ import aiohttp
 import httpx2
 import openai
 
-#: The SDK's own pool limits (``openai._constants.DEFAULT_CONNECTION_LIMITS``, httpx's 5 s
-#: keep-alive, which is also uvicorn's and so vLLM's).
+#: The SDK's own pool limit (``openai._constants.DEFAULT_CONNECTION_LIMITS``). Idle connections
+#: are dropped after 4 s, under the 5 s keep-alive of uvicorn (so of vLLM): at an equal 5 s a
+#: connection the server was closing was reused, and its request hung until the call's deadline
+#: (the fault matrix's Retry-After case, about 3 runs in 4).
 MAX_CONNECTIONS = 1000
-KEEPALIVE_S = 5.0
+KEEPALIVE_S = 4.0
 #: Room for one SSE line (a chunk with many top log-probabilities runs long).
 READ_BUFFER = 2**20
 
