@@ -4,7 +4,12 @@ Both paths post through :mod:`relay_agents.transport` (pooled httpx2 for sync, a
 async; the SDK's error types), and the async one costs a quarter of the SDK's CPU per request. A
 generation is retried with tenacity only until its first chunk arrives: a stream is never
 retried after its first token, because tokens would be emitted twice. The SDK's own retries
-are off.
+are off; a ``Retry-After`` the server sends is honoured as the SDK honours it.
+
+Nothing an upstream sends is trusted: a reply is cut at its ``max_tokens`` whatever the server
+does, its usage figures are used only when they are counts (else the tokens are counted here),
+lone surrogates in its text become U+FFFD, a reply of the wrong shape is a :class:`StreamError`,
+and a whole call, retries included, ends at the endpoint's ``call_deadline_s``.
 
 A failure leaves a client as the exception it was (``except openai.NotFoundError`` still
 works, the server maps it to its status), its message rewritten to name the endpoint's role and
@@ -13,7 +18,11 @@ URL and, for the common mistakes, what to do.
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
+import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +31,12 @@ from urllib.parse import urlsplit
 import openai
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_any,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 
@@ -34,7 +45,7 @@ from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
 from relay_agents.core.result import Source
 from relay_agents.core.types import Generation, Request, TokenLogprob
 from relay_agents.prompts import ChatTemplate, instruct_messages
-from relay_agents.transport import AsyncTransport, SyncTransport
+from relay_agents.transport import AsyncTransport, Deadline, DeadlineExceeded, SyncTransport
 
 OnText = Callable[[str], None]
 #: Called with what a call had received when it is interrupted (cancelled, or its text's
@@ -51,6 +62,9 @@ SERVER_PROMPT_CACHE_SIZE = 1024
 
 #: What a broken or garbled stream raises: the SDK's errors (both transports raise them), bad JSON.
 STREAM_ERRORS: tuple[type[Exception], ...] = (openai.APIError, ValueError)
+#: The openai SDK honours a server's ``Retry-After`` only within this many seconds.
+MAX_RETRY_AFTER_S = 60.0
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -62,8 +76,50 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def retry_after(exc: BaseException | None) -> float | None:
+    """The seconds an error response asked to wait before the next try, read as the openai SDK
+    reads them: ``retry-after-ms``, else ``Retry-After`` in seconds or as an HTTP date; None when
+    there is none or it is outside (0, 60] s (the SDK's range)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    seconds: float | None = None
+    try:
+        seconds = float(headers.get("retry-after-ms", "")) / 1000
+    except ValueError:
+        value = headers.get("retry-after", "")
+        try:
+            seconds = float(value)
+        except ValueError:
+            date = email.utils.parsedate_tz(value)
+            seconds = None if date is None else email.utils.mktime_tz(date) - time.time()
+    return seconds if seconds is not None and 0 < seconds <= MAX_RETRY_AFTER_S else None
+
+
+class _WaitRetryAfter:
+    """Tenacity wait: the server's ``Retry-After`` when it sent one, else ``fallback``."""
+
+    def __init__(self, fallback: Callable[[RetryCallState], float]) -> None:
+        self.fallback = fallback
+
+    def __call__(self, state: RetryCallState) -> float:
+        asked = retry_after(state.outcome.exception() if state.outcome is not None else None)
+        return asked if asked is not None else self.fallback(state)
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD: JSON can carry them (``"\\ud800"``),
+    UTF-8 cannot, so one would break every encoder after this point."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def token_count(value: object) -> int | None:
+    """An upstream's token count when it is one (an int >= 0); None: count the tokens here."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 class StreamError(ValueError):
-    """The server sent an error event or garbage in the middle of a stream."""
+    """The server sent an error event or a reply of the wrong shape (in a stream or whole)."""
 
 
 # -- failures that say what to do ---------------------------------------------------------
@@ -146,20 +202,25 @@ def served_ids(models: Any) -> list[str]:
 
 
 class _Collector:
-    """Accumulates one SSE stream (completions or chat chunks, as JSON) into a :class:`Generation`.
+    """Accumulates one SSE stream (completions or chat chunks, as JSON), or one whole reply, into
+    a :class:`Generation`, checking what the server sent.
 
     Chunks are read as plain dicts: building SDK models per token costs more than the
-    rest of the relay loop together.
+    rest of the relay loop together. Tokens are counted here, from log-probabilities or one per
+    text chunk (vLLM sends a chunk per token), and the reply is cut before the first token past
+    ``max_tokens``: a server that ignores it cannot write, or charge, more than was asked.
     """
 
     __slots__ = (
-        "chunks",
         "cut",
+        "done",
         "finish_reason",
-        "limit",
+        "max_tokens",
+        "overran",
         "parts",
         "prompt_tokens",
         "received",
+        "stop_at_max",
         "stop_reason",
         "tokens",
         "trimmed",
@@ -167,31 +228,44 @@ class _Collector:
         "watch",
     )
 
-    def __init__(self, limit: int | None, watch: Watch | None = None) -> None:
+    def __init__(
+        self, max_tokens: int | None, watch: Watch | None = None, *, stop_at_max: bool = False
+    ) -> None:
+        self.max_tokens = max_tokens  # None: no cut (tests of the watch alone)
+        self.stop_at_max = stop_at_max  # chat-instruct: stop reading once max_tokens arrived
         self.watch = watch
-        self.tokens = 0  # tokens kept (before a cut), counted from log-probabilities
+        self.tokens = 0  # tokens kept (before a cut): log-probabilities, else one per text chunk
         self.received = 0  # tokens received in log-probabilities, a cut one included
-        self.cut = False
+        self.cut = False  # the watch cut the reply
+        self.overran = False  # the server wrote past max_tokens: cut there
+        self.trimmed = False  # nothing more is read (a cut, or max_tokens reached)
+        self.done = False  # the stream's ``[DONE]`` arrived
         self.parts: list[str] = []
-        self.chunks = 0
-        self.limit = limit  # chat-instruct: trim to N content chunks
-        self.trimmed = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.prompt_tokens = 0
         self.usage_tokens: int | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
     def add_line(self, line: str) -> str:
         """Take one SSE line; return the text it adds."""
         if not line.startswith("data:"):
-            return ""
+            return ""  # blank lines, ``event:`` and keep-alive comments (``: ping``)
         payload = line[5:].strip()
         if payload == "[DONE]":
+            self.done = True
             return ""
-        return self.add(json.loads(payload))
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise StreamError(f"malformed JSON in the stream: {payload[:200]!r}") from None
+        return self.add(chunk)
 
-    def add(self, chunk: Any) -> str:
-        """Take one chunk (or a whole non-streamed response); return the text it adds."""
+    def add(self, chunk: Any, *, whole: bool = False) -> str:
+        """Take one chunk (or, ``whole``, a whole non-streamed response); return the text it adds."""
         if not isinstance(chunk, dict):
             raise StreamError(f"unexpected response: {str(chunk)[:200]}")
         if "error" in chunk and not chunk.get("choices"):
@@ -199,33 +273,42 @@ class _Collector:
             message = error.get("message", error) if isinstance(error, dict) else error
             raise StreamError(f"error event in the stream: {message}")
         usage = chunk.get("usage")
-        if usage:
-            self.prompt_tokens = usage.get("prompt_tokens") or 0
-            self.usage_tokens = usage.get("completion_tokens")
-        choices = chunk.get("choices")
+        if isinstance(usage, dict):
+            self.prompt_tokens = token_count(usage.get("prompt_tokens")) or 0
+            self.usage_tokens = token_count(usage.get("completion_tokens"))
+        choices = chunk.get("choices", [])
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise StreamError(f"malformed reply: choices is {str(choices)[:200]}")
         if not choices:
+            if whole:
+                raise StreamError("malformed reply: no choices")
             return ""
         choice = choices[0]
         delta = choice.get("text")
         if delta is None:
-            delta = (choice.get("delta") or choice.get("message") or {}).get("content")
-        if self.cut:
+            message = choice.get("delta") or choice.get("message") or {}
+            delta = message.get("content") if isinstance(message, dict) else message
+        if delta is not None and not isinstance(delta, str):
+            raise StreamError(f"malformed reply: the text is {str(delta)[:200]}")
+        if self.trimmed:
             return ""
         if choice.get("finish_reason") is not None:
-            self.finish_reason = choice["finish_reason"]
-            self.stop_reason = choice.get("stop_reason")
+            self.finish_reason = str(choice["finish_reason"])
+            stop = choice.get("stop_reason")
+            self.stop_reason = stop if isinstance(stop, str | int) else None
+        delta = clean_text(delta or "")
         logprobs = choice.get("logprobs")
         if logprobs:
-            delta = self._watched(delta or "", logprobs)
+            delta = self._counted(delta, _checked_logprobs(logprobs))
+        elif delta:
+            delta = self._counted(delta, None)
         if delta:
             self.parts.append(delta)
-            self.chunks += 1
-            if self.limit is not None and self.chunks >= self.limit:
-                self.trimmed = True  # trimmed: stop reading (the connection is dropped)
-        return delta or ""
+        return delta
 
-    def _watched(self, delta: str, logprobs: dict[str, Any]) -> str:
-        """Count this chunk's tokens and let the watch cut before one; return the text kept.
+    def _counted(self, delta: str, tokens: list[TokenLogprob] | None) -> str:
+        """Count this chunk's tokens, cut before the first one past ``max_tokens`` or the first
+        the watch rejects, and return the text kept.
 
         The text kept is the chunk's text up to the cut token: the texts of the tokens before
         it, which start the chunk's text (vLLM, both formats). The tokens need not spell the
@@ -234,30 +317,71 @@ class _Collector:
         before the cut do not start the text (undecodable bytes), the whole chunk is dropped,
         its tokens with it, so the token the watch rejected never shows.
         """
-        tokens = parse_logprobs(logprobs)
-        self.received += len(tokens)
-        if self.watch is None:
-            self.tokens += len(tokens)
+        limit = self.max_tokens
+        if tokens is None:  # no log-probabilities: a text chunk is a token
+            if limit is not None and self.tokens >= limit:
+                self._stop(overran=True)
+                return ""
+            self.tokens += 1
+            self._at_max()
             return delta
+        self.received += len(tokens)
         for i, token in enumerate(tokens):
-            if self.watch(self.tokens + i, token):
-                self.cut = self.trimmed = True
-                self.finish_reason, self.stop_reason = None, None
-                kept = "".join(t.token for t in tokens[:i])
-                if not delta.startswith(kept):
-                    return ""
-                self.tokens += i
-                return kept
+            if limit is not None and self.tokens + i >= limit:
+                return self._cut_at(delta, tokens, i, overran=True)
+            if self.watch is not None and self.watch(self.tokens + i, token):
+                return self._cut_at(delta, tokens, i, overran=False)
         self.tokens += len(tokens)
+        self._at_max()
         return delta
 
+    def _cut_at(self, delta: str, tokens: list[TokenLogprob], i: int, *, overran: bool) -> str:
+        self._stop(overran=overran)
+        kept = "".join(t.token for t in tokens[:i])
+        if not delta.startswith(kept):
+            return ""
+        self.tokens += i
+        return kept
+
+    def _stop(self, *, overran: bool) -> None:
+        """Read no more: the server overran ``max_tokens`` (a cut at the limit, as ``length``)
+        or the watch cut the reply (no finish reason: the answer goes on)."""
+        self.trimmed = True
+        self.overran, self.cut = overran, not overran
+        self.finish_reason, self.stop_reason = ("length" if overran else None), None
+
+    def _at_max(self) -> None:
+        if self.stop_at_max and self.max_tokens is not None and self.tokens >= self.max_tokens:
+            self.trimmed = True  # trimmed: stop reading (the connection is dropped)
+            self.finish_reason = self.finish_reason or "length"
+
+    def ended(self) -> None:
+        """The stream's body ended: StreamError unless it said it was complete."""
+        if not self.done and self.finish_reason is None:
+            raise StreamError("the stream ended before its [DONE] (a truncated or non-SSE body)")
+
+    def needs_count(self) -> bool:
+        """Whether this whole reply's tokens must be counted here: it has text, no
+        log-probabilities, and no usable count (or more than ``max_tokens``)."""
+        if not self.parts or self.received:
+            return False
+        usage = self.usage_tokens
+        return usage is None or (self.max_tokens is not None and usage > self.max_tokens)
+
+    def counted(self, tokens: int, kept: str) -> None:
+        """The tokenizer's count of this whole reply, and its text cut at ``max_tokens``."""
+        self.usage_tokens = tokens
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            self.parts = [kept]
+            self.overran = True
+            self.finish_reason, self.stop_reason = "length", None
+
     def result(self, error: Exception | None = None) -> Generation:
-        if self.limit is not None and self.chunks >= self.limit and self.finish_reason is None:
-            self.finish_reason = "length"
-        seen = self.received or self.chunks
-        generated = self.usage_tokens if self.usage_tokens is not None else seen
-        if self.limit is not None:
-            generated = min(generated, self.limit)
+        # The server's own count when it gave a usable one (vLLM's counts the EOS token its
+        # log-probabilities may list too), else the tokens seen here.
+        generated = max(self.received, self.tokens) if self.usage_tokens is None else self.usage_tokens
+        if self.max_tokens is not None:
+            generated = min(generated, self.max_tokens)  # never more than was asked for
         kept = self.tokens if self.cut else generated
         return Generation(
             text="".join(self.parts),
@@ -271,6 +395,13 @@ class _Collector:
         )
 
 
+def _checked_logprobs(logprobs: object) -> list[TokenLogprob]:
+    try:
+        return parse_logprobs(logprobs)  # type: ignore[arg-type]
+    except (AttributeError, TypeError) as exc:
+        raise StreamError(f"malformed log-probabilities: {str(logprobs)[:200]}") from exc
+
+
 def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
     """Tokens with their log-probabilities from a choice's ``logprobs``, in either format:
     completions (``tokens``, ``token_logprobs``, ``top_logprobs`` as dicts) or chat
@@ -279,7 +410,7 @@ def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
     if content is not None:
         return [
             TokenLogprob(
-                item.get("token") or "",
+                clean_text(item.get("token") or ""),
                 item.get("logprob"),
                 tuple((alt.get("token") or "", alt.get("logprob")) for alt in item.get("top_logprobs") or ()),
             )
@@ -289,7 +420,7 @@ def parse_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
     values = logprobs.get("token_logprobs") or [None] * len(tokens)
     tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     return [
-        TokenLogprob(tok or "", lp, tuple((top or {}).items()))
+        TokenLogprob(clean_text(tok or ""), lp, tuple((top or {}).items()))
         for tok, lp, top in zip(tokens, values, tops, strict=False)
     ]
 
@@ -327,14 +458,21 @@ class EndpointClient:
 
     # -- retries --------------------------------------------------------------------
 
-    def _retry_args(self) -> dict[str, Any]:
+    def _retry_args(self, deadline: Deadline) -> dict[str, Any]:
+        """Tries: up to ``max_retries`` more, none starting past ``retry_deadline`` (a server's
+        ``Retry-After`` included) nor waiting past the call's deadline."""
         ep = self.endpoint
+        backoff = wait_exponential_jitter(
+            multiplier=ep.retry_initial_delay, max=ep.retry_max_delay, jitter=ep.retry_initial_delay
+        )
         return {
             "retry": retry_if_exception(is_transient),
-            "stop": stop_after_attempt(ep.max_retries + 1) | stop_after_delay(ep.retry_deadline),
-            "wait": wait_exponential_jitter(
-                multiplier=ep.retry_initial_delay, max=ep.retry_max_delay, jitter=ep.retry_initial_delay
+            "stop": stop_any(
+                stop_after_attempt(ep.max_retries + 1),
+                stop_before_delay(ep.retry_deadline),
+                lambda state: deadline.left() <= state.upcoming_sleep,
             ),
+            "wait": _WaitRetryAfter(backoff),
             "reraise": True,
         }
 
@@ -393,8 +531,8 @@ class EndpointClient:
         if len(self._server_prompts) > SERVER_PROMPT_CACHE_SIZE:
             self._server_prompts.popitem(last=False)
 
-    def _tag_body(self, tag: str) -> dict[str, Any]:
-        return {"model": self.endpoint.model, "prompt": tag, "add_special_tokens": False}
+    def _text_body(self, text: str) -> dict[str, Any]:
+        return {"model": self.endpoint.model, "prompt": text, "add_special_tokens": False}
 
     def _tag_ids(self, tokenized: list[list[int]]) -> list[int]:
         for tag, ids in zip(CALL_TAGS, tokenized, strict=True):
@@ -409,7 +547,7 @@ class EndpointClient:
         """Token ids of ``<call>`` and ``</call>`` in the server's vocabulary (for logit_bias)."""
         if self._call_token_ids is None:
             post, root = self.sync_transport.post_json, self._root_url()
-            tokenized = [post(f"{root}/tokenize", self._tag_body(t))["tokens"] for t in CALL_TAGS]
+            tokenized = [post(f"{root}/tokenize", self._text_body(t))["tokens"] for t in CALL_TAGS]
             self._call_token_ids = self._tag_ids(tokenized)
         return self._call_token_ids
 
@@ -417,7 +555,7 @@ class EndpointClient:
         if self._call_token_ids is None:
             root = self._root_url()
             tokenized = [
-                (await self.transport.post_json(f"{root}/tokenize", self._tag_body(t)))["tokens"]
+                (await self.transport.post_json(f"{root}/tokenize", self._text_body(t)))["tokens"]
                 for t in CALL_TAGS
             ]
             self._call_token_ids = self._tag_ids(tokenized)
@@ -483,8 +621,25 @@ class EndpointClient:
     def _needs_call_ids(self, request: Request) -> bool:
         return request.suppress_calls and self.endpoint.call_suppression == "logit_bias"
 
-    def _trim_limit(self, request: Request) -> int | None:
-        return request.max_tokens if self.endpoint.api == "chat-instruct" else None
+    def _collector(self, request: Request, watch: Watch | None) -> _Collector:
+        return _Collector(request.max_tokens, watch, stop_at_max=self.endpoint.api == "chat-instruct")
+
+    def _overrun(self, collector: _Collector, ids: Any) -> dict[str, Any] | None:
+        """Apply the tokenizer's count of a whole reply; the ``/detokenize`` body of the text to
+        keep when the reply has more tokens than ``max_tokens``."""
+        if not isinstance(ids, list):
+            raise StreamError(f"/tokenize answered {str(ids)[:200]}")
+        limit = collector.max_tokens
+        if limit is None or len(ids) <= limit:
+            collector.counted(len(ids), collector.text)
+            return None
+        return {"model": self.endpoint.model, "tokens": ids[:limit]}
+
+    def _uncountable(self, exc: Exception) -> StreamError:
+        return StreamError(
+            f"{self.endpoint.model}: the reply reported no usable token count and its tokens "
+            f"could not be counted with the server's /tokenize: {exc}"
+        )
 
     # -- streaming ------------------------------------------------------------------
 
@@ -515,6 +670,30 @@ class EndpointClient:
         except STREAM_ERRORS:
             return None
 
+    def _count(self, collector: _Collector, deadline: Deadline) -> None:
+        """Count a whole reply's tokens with the server's tokenizer, cutting it at ``max_tokens``:
+        only for a reply without a usable count, or with more tokens than were asked for."""
+        post, root = self.sync_transport.post_json, self._root_url()
+        try:
+            ids = post(f"{root}/tokenize", self._text_body(collector.text), deadline).get("tokens")
+            cut = self._overrun(collector, ids)
+            if cut is not None:
+                kept = post(f"{root}/detokenize", cut, deadline)["prompt"]
+                collector.counted(len(ids), clean_text(str(kept)))
+        except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
+            raise self._uncountable(exc) from exc
+
+    async def _acount(self, collector: _Collector) -> None:
+        post, root = self.transport.post_json, self._root_url()
+        try:
+            ids = (await post(f"{root}/tokenize", self._text_body(collector.text))).get("tokens")
+            cut = self._overrun(collector, ids)
+            if cut is not None:
+                kept = (await post(f"{root}/detokenize", cut))["prompt"]
+                collector.counted(len(ids), clean_text(str(kept)))
+        except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
+            raise self._uncountable(exc) from exc
+
     def generate(
         self,
         request: Request,
@@ -528,10 +707,13 @@ class EndpointClient:
         a stream stops there (the connection is closed), a whole reply is cut after the fact.
         ``on_interrupt`` gets what had arrived when anything but a stream error ends the call.
         A failure (raised, or a stream's ``error``) names the role, the URL and a hint.
+        The call ends at the endpoint's ``call_deadline_s``: the text of a stream so far comes
+        back with a :class:`DeadlineExceeded` error, a call without text raises it. (This sync
+        path checks the deadline as bytes arrive and bounds each read by what is left of it.)
         """
-        collector = _Collector(self._trim_limit(request), watch)
+        collector = self._collector(request, watch)
         try:
-            gen = self._generate(request, collector, on_text)
+            gen = self._generate(request, collector, on_text, Deadline(self.endpoint.call_deadline_s))
         except STREAM_ERRORS as exc:
             explain_failure(exc, self.endpoint, self.role, self._served() if model_missing(exc) else None)
             raise
@@ -543,6 +725,48 @@ class EndpointClient:
             explain_failure(gen.error, self.endpoint, self.role, None)
         return gen
 
+    def _generate(
+        self, request: Request, collector: _Collector, on_text: OnText | None, deadline: Deadline
+    ) -> Generation:
+        prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
+        call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
+        api, body = self._body(request, prefix, call_ids)
+        url, transport = self._url(api), self.sync_transport
+        if self._whole(request, on_text):
+            try:
+                for attempt in Retrying(**self._retry_args(deadline)):
+                    with attempt:
+                        reply = transport.post_json(url, self._unstreamed(body), deadline)
+            except ValueError as exc:
+                raise StreamError(f"the reply is not JSON: {exc}") from exc
+            collector.add(reply, whole=True)
+            if collector.needs_count():
+                self._count(collector, deadline)
+            return collector.result()
+        for attempt in Retrying(**self._retry_args(deadline)):
+            with attempt:
+                opened = transport.post(url, body, deadline)
+                response = opened.__enter__()
+                try:
+                    lines = iter(transport.lines(response, url, deadline))
+                    _emit(collector.add_line(next(lines, "")), on_text)
+                except BaseException:
+                    opened.__exit__(None, None, None)
+                    raise
+        try:
+            if not collector.trimmed:
+                for line in lines:
+                    _emit(collector.add_line(line), on_text)
+                    if collector.trimmed:
+                        break
+                else:
+                    collector.ended()
+        except STREAM_ERRORS as exc:
+            return collector.result(error=exc)
+        finally:
+            opened.__exit__(None, None, None)
+        return collector.result()
+
     async def agenerate(
         self,
         request: Request,
@@ -550,10 +774,21 @@ class EndpointClient:
         watch: Watch | None = None,
         on_interrupt: OnInterrupt | None = None,
     ) -> Generation:
-        """Async :meth:`generate`; a cancelled call hands what had arrived to ``on_interrupt``."""
-        collector = _Collector(self._trim_limit(request), watch)
+        """Async :meth:`generate`: a cancelled call hands what had arrived to ``on_interrupt``;
+        the deadline cuts any wait, a silent server's included."""
+        deadline = Deadline(self.endpoint.call_deadline_s)
+        collector = self._collector(request, watch)
         try:
-            gen = await self._agenerate(request, collector, on_text)
+            try:
+                async with asyncio.timeout(deadline.left()) as scope:
+                    gen = await self._agenerate(request, on_text, collector, deadline)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                error = DeadlineExceeded(self.endpoint.base_url, self.endpoint.call_deadline_s)
+                if not collector.parts:
+                    raise error from None
+                gen = collector.result(error=error)
         except STREAM_ERRORS as exc:
             served = await self._aserved() if model_missing(exc) else None
             explain_failure(exc, self.endpoint, self.role, served)
@@ -566,57 +801,31 @@ class EndpointClient:
             explain_failure(gen.error, self.endpoint, self.role, None)
         return gen
 
-    def _generate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
-        prefix = self.prompt_prefix(request) if self.endpoint.api == "completions" else None
-        call_ids = self.call_token_ids() if self._needs_call_ids(request) else None
-        api, body = self._body(request, prefix, call_ids)
-        url, transport = self._url(api), self.sync_transport
-        if self._whole(request, on_text):
-            for attempt in Retrying(**self._retry_args()):
-                with attempt:
-                    reply = transport.post_json(url, self._unstreamed(body))
-            collector.add(reply)
-            return collector.result()
-        for attempt in Retrying(**self._retry_args()):
-            with attempt:
-                opened = transport.post(url, body)
-                response = opened.__enter__()
-                try:
-                    lines = iter(transport.lines(response, url))
-                    _emit(collector.add_line(next(lines, "data: [DONE]")), on_text)
-                except BaseException:
-                    opened.__exit__(None, None, None)
-                    raise
-        try:
-            if not collector.trimmed:
-                for line in lines:
-                    _emit(collector.add_line(line), on_text)
-                    if collector.trimmed:
-                        break
-        except STREAM_ERRORS as exc:
-            return collector.result(error=exc)
-        finally:
-            opened.__exit__(None, None, None)
-        return collector.result()
-
-    async def _agenerate(self, request: Request, collector: _Collector, on_text: OnText | None) -> Generation:
+    async def _agenerate(
+        self, request: Request, on_text: OnText | None, collector: _Collector, deadline: Deadline
+    ) -> Generation:
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
         url, transport = self._url(api), self.transport
         if self._whole(request, on_text):
-            async for attempt in AsyncRetrying(**self._retry_args()):
-                with attempt:
-                    reply = await transport.post_json(url, self._unstreamed(body))
-            collector.add(reply)
+            try:
+                async for attempt in AsyncRetrying(**self._retry_args(deadline)):
+                    with attempt:
+                        reply = await transport.post_json(url, self._unstreamed(body))
+            except ValueError as exc:
+                raise StreamError(f"the reply is not JSON: {exc}") from exc
+            collector.add(reply, whole=True)
+            if collector.needs_count():
+                await self._acount(collector)
             return collector.result()
-        async for attempt in AsyncRetrying(**self._retry_args()):
+        async for attempt in AsyncRetrying(**self._retry_args(deadline)):
             with attempt:
                 opened = transport.post(url, body)
                 response = await opened.__aenter__()
                 try:
                     lines = aiter(transport.lines(response, url))
-                    _emit(collector.add_line(await anext(lines, "data: [DONE]")), on_text)
+                    _emit(collector.add_line(await anext(lines, "")), on_text)
                 except BaseException:
                     await opened.__aexit__(None, None, None)
                     raise
@@ -626,6 +835,8 @@ class EndpointClient:
                     _emit(collector.add_line(line), on_text)
                     if collector.trimmed:
                         break
+                else:
+                    collector.ended()
         except STREAM_ERRORS as exc:
             return collector.result(error=exc)
         finally:

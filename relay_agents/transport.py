@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -30,10 +31,12 @@ import aiohttp
 import httpx2
 import openai
 
-#: The SDK's own pool limits (``openai._constants.DEFAULT_CONNECTION_LIMITS``, httpx's 5 s
-#: keep-alive, which is also uvicorn's and so vLLM's).
+#: The SDK's own pool limit (``openai._constants.DEFAULT_CONNECTION_LIMITS``). Idle connections
+#: are dropped after 4 s, under the 5 s keep-alive of uvicorn (so of vLLM): at an equal 5 s a
+#: connection the server was closing was reused, and its request hung until the call's deadline
+#: (the fault matrix's Retry-After case, about 3 runs in 4).
 MAX_CONNECTIONS = 1000
-KEEPALIVE_S = 5.0
+KEEPALIVE_S = 4.0
 #: Room for one SSE line (a chunk with many top log-probabilities runs long).
 READ_BUFFER = 2**20
 
@@ -67,8 +70,13 @@ def status_error(status: int, content: bytes, headers: Mapping[str, str], url: s
     return kind(message, response=response, body=data)
 
 
-def connection_error(exc: BaseException, url: str) -> openai.APIConnectionError:
-    """A transport failure as the SDK reports it: a timeout, or a connection error."""
+def connection_error(
+    exc: BaseException, url: str, deadline: Deadline | None = None
+) -> openai.APIConnectionError:
+    """A transport failure as the SDK reports it: a timeout (the call's deadline, when it has
+    passed), or a connection error."""
+    if deadline is not None and deadline.left() <= 0:
+        return DeadlineExceeded(url)
     request = httpx2.Request("POST", url)
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError | httpx2.TimeoutException):
         return openai.APITimeoutError(request)
@@ -90,6 +98,34 @@ def _refused(exc: BaseException | None) -> bool:
     return False
 
 
+class Deadline:
+    """The end of one call's time, retries included, on the monotonic clock."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self, url: str) -> None:
+        if self.left() <= 0:
+            raise DeadlineExceeded(url)
+
+
+class DeadlineExceeded(openai.APITimeoutError):
+    """A call ran past its endpoint's ``call_deadline_s`` (a timeout, as the SDK names one)."""
+
+    def __init__(self, url: str, seconds: float | None = None) -> None:
+        limit = "" if seconds is None else f" of {seconds:g} s"
+        openai.APIConnectionError.__init__(
+            self,
+            message=f"the call ran past its deadline{limit} (call_deadline_s)",
+            request=httpx2.Request("POST", url),
+        )
+
+
 #: What a request or a stream raises before :func:`connection_error` names it.
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 SYNC_TRANSPORT_ERRORS = (httpx2.TransportError,)
@@ -104,6 +140,7 @@ class SyncTransport:
 
     def __init__(self, api_key: str, *, timeout: float, connect_timeout: float) -> None:
         self._api_key = api_key
+        self._read_s, self._connect_s = timeout, connect_timeout
         self._timeout = httpx2.Timeout(timeout, connect=connect_timeout)
         self._client: httpx2.Client | None = None
         self._lock = threading.Lock()
@@ -116,14 +153,18 @@ class SyncTransport:
                 self._client = httpx2.Client(headers=headers, timeout=self._timeout, limits=limits)
             return self._client
 
-    def post_json(self, url: str, body: dict[str, Any]) -> Any:
+    def post_json(self, url: str, body: dict[str, Any], deadline: Deadline | None = None) -> Any:
         """The decoded JSON answer to one POST (a non-JSON answer raises ``ValueError``)."""
-        with self.post(url, body) as response:
+        with self.post(url, body, deadline) as response:
+            pieces = []
             try:
-                content = response.read()
+                for piece in response.iter_bytes():
+                    if deadline is not None:
+                        deadline.check(url)
+                    pieces.append(piece)
             except SYNC_TRANSPORT_ERRORS as exc:
-                raise connection_error(exc, url) from exc
-        return json.loads(content)
+                raise connection_error(exc, url, deadline) from exc
+        return json.loads(b"".join(pieces))
 
     def get_json(self, url: str) -> Any:
         """The decoded JSON answer to one GET (the server's ``/models``)."""
@@ -136,13 +177,22 @@ class SyncTransport:
         return response.json()
 
     @contextlib.contextmanager
-    def post(self, url: str, body: dict[str, Any]) -> Iterator[httpx2.Response]:
-        """An open response with a 2xx status; its body is read (or streamed) by the caller."""
+    def post(
+        self, url: str, body: dict[str, Any], deadline: Deadline | None = None
+    ) -> Iterator[httpx2.Response]:
+        """An open response with a 2xx status; its body is read (or streamed) by the caller.
+
+        With ``deadline``, each read waits at most what is left of it."""
+        timeout = self._timeout
+        if deadline is not None:
+            deadline.check(url)
+            left = deadline.left()
+            timeout = httpx2.Timeout(min(self._read_s, left), connect=min(self._connect_s, left))
         try:
-            opened = self._session().stream("POST", url, json=body)
+            opened = self._session().stream("POST", url, json=body, timeout=timeout)
             response = opened.__enter__()
         except SYNC_TRANSPORT_ERRORS as exc:
-            raise connection_error(exc, url) from exc
+            raise connection_error(exc, url, deadline) from exc
         try:
             if response.status_code >= 400:
                 try:
@@ -154,12 +204,15 @@ class SyncTransport:
         finally:
             opened.__exit__(None, None, None)
 
-    def lines(self, response: httpx2.Response, url: str) -> Iterator[str]:
-        """The lines of a streamed (SSE) body, as text."""
+    def lines(self, response: httpx2.Response, url: str, deadline: Deadline | None = None) -> Iterator[str]:
+        """The lines of a streamed (SSE) body, as text (checked against ``deadline`` as they come)."""
         try:
-            yield from response.iter_lines()
+            for line in response.iter_lines():
+                if deadline is not None:
+                    deadline.check(url)
+                yield line
         except SYNC_TRANSPORT_ERRORS as exc:
-            raise connection_error(exc, url) from exc
+            raise connection_error(exc, url, deadline) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -236,7 +289,7 @@ class AsyncTransport:
         """The lines of a streamed (SSE) body, as text."""
         try:
             async for line in response.content:
-                yield line.decode()
+                yield line.decode(errors="replace")  # as httpx decodes: bad bytes become U+FFFD
         except TRANSPORT_ERRORS as exc:
             raise connection_error(exc, url) from exc
 

@@ -70,6 +70,13 @@ class Endpoint(_Strict):
     retry_deadline: float = Field(
         default=10.0, gt=0, description="No new try starts this many seconds after the first."
     )
+    call_deadline_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="The most one call may take, retries, a slow stream and keep-alive comments "
+        "included: then a teacher's text so far is kept and the student goes on; a student's call "
+        "fails. Size it to max tokens / the slowest decode rate you accept.",
+    )
     input_price_per_million: float = Field(default=0.0, ge=0, alias="input_price")
     output_price_per_million: float = Field(default=0.0, ge=0, alias="output_price")
     call_suppression: Literal["bad_words", "logit_bias", "none"] = Field(

@@ -18,7 +18,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .faults import TransportMiddleware, check_fault, drop_connection, fault_response
+from .faults import (
+    LONE_SURROGATE,
+    TransportMiddleware,
+    check_fault,
+    drop_connection,
+    fault_response,
+    parse_fault,
+    tamper,
+    whole_body,
+)
 from .generation import generate, without_calls
 from .script import Replies, Script, check_item
 from .sse import stream_events
@@ -113,33 +122,38 @@ async def answer(
 ) -> Response:
     """The scripted reply to a checked request: a fault, a stream or one body."""
     reply = state.replies.take(req.model, prompt, state.config["default_response"])
-    if reply.fault is not None:
-        response = await fault_response(reply.fault, request, stream=req.stream, record=record)
+    fault = None if reply.fault is None else parse_fault(reply.fault)
+    if fault is not None:
+        response = await fault_response(fault, request, stream=req.stream, record=record)
         if response is not None:
             return response
     text, probs = reply.text, reply.probs
     if req.suppress_calls:
         text, probs = without_calls(text), []  # the scripted tokens moved
+    name = None if fault is None else fault.name
     gen = generate(
         text,
         stop=req.stop,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        max_tokens=req.max_tokens,
+        max_tokens=None if name == "overrun" else req.max_tokens,
     )
+    if name == "surrogate" and gen.pieces:
+        gen.pieces[0] += LONE_SURROGATE
     if req.stream:
-        drop = partial(drop_connection, request.scope) if reply.fault == "drop" else None
+        drop = partial(drop_connection, request.scope) if name == "drop" else None
         events = stream_events(
             req,
             gen,
             probs,
             ttft_s=state.config["ttft_s"],
-            token_interval_s=state.config["token_interval_s"],
+            token_interval_s=fault.interval_s if name == "drip" else state.config["token_interval_s"],
             drop=drop,
+            tamper=tamper(fault),
         )
         return StreamingResponse(noting_disconnect(events, record), media_type="text/event-stream")
     if state.config["latency_s"] > 0:
         await asyncio.sleep(state.config["latency_s"])
-    return JSONResponse(completion_body(req, gen, probs))
+    return whole_body(tamper(fault)(completion_body(req, gen, probs)), fault, record)
 
 
 async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) -> AsyncIterator[str]:

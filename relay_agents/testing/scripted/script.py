@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .faults import check_fault
+from .faults import ALTERING, check_fault, parse_fault
 
 
 def check_item(item: Any) -> str | dict[str, Any]:
@@ -63,11 +63,19 @@ class Replies:
         self.faults.setdefault(model, deque()).extend(faults)
 
     def take(self, model: str, prompt: str, default_response: str) -> Reply:
-        """Consume the next answer for a request (a queued fault comes first)."""
+        """Consume the next answer for a request (a queued fault comes first: one that replaces
+        the answer leaves the script where it was, one that alters it answers it)."""
         script = next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
         queued = self.faults.get(model)
         if queued:
-            return Reply(queued.popleft(), self._peek_text(script, default_response))
+            fault = queued.popleft()
+            if parse_fault(fault).name not in ALTERING:
+                return Reply(fault, self._peek_text(script, default_response))
+            answer = self._next(script, default_response)
+            return Reply(fault, answer.text, answer.probs)
+        return self._next(script, default_response)
+
+    def _next(self, script: Script | None, default_response: str) -> Reply:
         if script is not None and script.repeat and script.responses:
             script.cursor %= len(script.responses)
         if script is None or script.cursor >= len(script.responses):

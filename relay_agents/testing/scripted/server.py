@@ -119,7 +119,10 @@ class ScriptedServer:
         self._call("POST", "/_scripted/script", body)
 
     def faults(self, model: str, faults: list[str]) -> None:
-        """Queue faults ("429", "500", "503", "hang", "drop", "malformed") for ``model``."""
+        """Queue faults for ``model``'s next requests, one each: an HTTP status ("429",
+        "503:retry-after=2", "429:retry-after-ms=200"), "hang", "drop", "drip:S", "comments:S",
+        "overrun", "malformed", "bad-usage", "negative-usage", "null-choices", "html", "surrogate"
+        (:mod:`relay_agents.testing.scripted.faults` says what each does)."""
         self._call("POST", "/_scripted/faults", {"model": model, "faults": list(faults)})
 
     def configure(self, **config: Any) -> dict[str, Any]:

@@ -16,8 +16,11 @@ from .wire import GenerationRequest, usage
 DROP_AFTER_TOKENS = 2
 
 
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+Tamper = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _event(payload: dict[str, Any], tamper: Tamper | None = None) -> str:
+    return f"data: {json.dumps(payload if tamper is None else tamper(payload))}\n\n"
 
 
 def _chunk(
@@ -27,6 +30,7 @@ def _chunk(
     logprobs: dict[str, Any] | None = None,
     finish_reason: str | None = None,
     stop_reason: str | None = None,
+    tamper: Tamper | None = None,
 ) -> str:
     """One chunk of one choice; ``delta`` ``None``: a chat chunk without content."""
     choice: dict[str, Any] = {"index": 0}
@@ -35,7 +39,7 @@ def _chunk(
     else:
         choice["text"] = delta or ""
     choice |= {"logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
-    return _event({**head, "choices": [choice]})
+    return _event({**head, "choices": [choice]}, tamper)
 
 
 async def stream_events(
@@ -46,9 +50,11 @@ async def stream_events(
     ttft_s: float,
     token_interval_s: float,
     drop: Callable[[], Awaitable[None]] | None = None,
+    tamper: Tamper | None = None,
 ) -> AsyncIterator[str]:
     """The events of ``gen``: (chat: the role), the tokens, the finish, (the usage), ``[DONE]``.
-    With ``drop``, the first tokens, then ``drop()`` closes the connection."""
+    With ``drop``, the first tokens, then ``drop()`` closes the connection; ``tamper`` changes
+    each chunk before it is sent (a fault)."""
     chat = req.chat
     head = {
         "id": req.id,
@@ -61,7 +67,7 @@ async def stream_events(
         await asyncio.sleep(ttft_s)
     if chat:
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        yield _event({**head, "choices": [{**role, "finish_reason": None}]})
+        yield _event({**head, "choices": [{**role, "finish_reason": None}]}, tamper)
     offset = 0
     for i, piece in enumerate(gen.pieces):
         if drop is not None and i == DROP_AFTER_TOKENS:
@@ -69,7 +75,7 @@ async def stream_events(
         if i and token_interval_s > 0:
             await asyncio.sleep(token_interval_s)
         lp = None if k is None else logprobs_payload([piece], probs[i : i + 1], k, chat=chat, offset=offset)
-        yield _chunk(head, chat, piece, lp)
+        yield _chunk(head, chat, piece, lp, tamper=tamper)
         offset += len(piece)
     if drop is not None:
         await drop()
@@ -78,9 +84,9 @@ async def stream_events(
         # vLLM's last chunk of a reply that ended on EOS: no text, the EOS token's logprobs
         eos = probs[len(gen.pieces) : len(gen.pieces) + 1]
         lp = logprobs_payload([EOS_TOKEN], eos, k, chat=chat, offset=offset)
-        yield _chunk(head, chat, "", lp, gen.finish_reason, gen.stop_reason)
+        yield _chunk(head, chat, "", lp, gen.finish_reason, gen.stop_reason, tamper)
     else:
-        yield _chunk(head, chat, None, None, gen.finish_reason, gen.stop_reason)
+        yield _chunk(head, chat, None, None, gen.finish_reason, gen.stop_reason, tamper)
     if req.include_usage:
-        yield _event({**head, "choices": [], "usage": usage(req, gen)})
+        yield _event({**head, "choices": [], "usage": usage(req, gen)}, tamper)
     yield "data: [DONE]\n\n"
