@@ -1,7 +1,7 @@
 """HTTP to one endpoint, sync and async, with one error mapping: the SDK's error types.
 
-Both transports have the same three operations (``post_json``, ``post`` for an open 2xx
-response, ``lines`` of a streamed body) and raise the same exceptions, so the client's code
+Both transports have the same operations (``post_json`` and ``get_json``, ``post`` for an open
+2xx response, ``lines`` of a streamed body) and raise the same exceptions, so the client's code
 above them is written once. The async one is a pooled aiohttp session per event loop; the
 sync one a pooled ``httpx2.Client`` (the HTTP library the openai SDK itself uses).
 
@@ -103,18 +103,28 @@ class SyncTransport:
 
     def post_json(self, url: str, body: dict[str, Any]) -> Any:
         """The decoded JSON answer to one POST (a non-JSON answer raises ``ValueError``)."""
-        with self.post(url, body) as response:
+        return self._json("POST", url, body)
+
+    def get_json(self, url: str) -> Any:
+        """The decoded JSON answer to one GET (a non-JSON answer raises ``ValueError``)."""
+        return self._json("GET", url, None)
+
+    def _json(self, method: str, url: str, body: dict[str, Any] | None) -> Any:
+        with self._open(method, url, body) as response:
             try:
                 content = response.read()
             except SYNC_TRANSPORT_ERRORS as exc:
                 raise connection_error(exc, url) from exc
         return json.loads(content)
 
-    @contextlib.contextmanager
-    def post(self, url: str, body: dict[str, Any]) -> Iterator[httpx2.Response]:
+    def post(self, url: str, body: dict[str, Any]) -> contextlib.AbstractContextManager[httpx2.Response]:
         """An open response with a 2xx status; its body is read (or streamed) by the caller."""
+        return self._open("POST", url, body)
+
+    @contextlib.contextmanager
+    def _open(self, method: str, url: str, body: dict[str, Any] | None) -> Iterator[httpx2.Response]:
         try:
-            opened = self._session().stream("POST", url, json=body)
+            opened = self._session().stream(method, url, json=body)
             response = opened.__enter__()
         except SYNC_TRANSPORT_ERRORS as exc:
             raise connection_error(exc, url) from exc
@@ -171,18 +181,32 @@ class AsyncTransport:
 
     async def post_json(self, url: str, body: dict[str, Any]) -> Any:
         """The decoded JSON answer to one POST (a non-JSON answer raises ``ValueError``)."""
-        async with self.post(url, body) as response:
+        return await self._json("POST", url, body)
+
+    async def get_json(self, url: str) -> Any:
+        """The decoded JSON answer to one GET (a non-JSON answer raises ``ValueError``)."""
+        return await self._json("GET", url, None)
+
+    async def _json(self, method: str, url: str, body: dict[str, Any] | None) -> Any:
+        async with self._open(method, url, body) as response:
             try:
                 content = await response.read()
             except TRANSPORT_ERRORS as exc:
                 raise connection_error(exc, url) from exc
         return json.loads(content)
 
-    @contextlib.asynccontextmanager
-    async def post(self, url: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+    def post(
+        self, url: str, body: dict[str, Any]
+    ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
         """An open response with a 2xx status; its body is read (or streamed) by the caller."""
+        return self._open("POST", url, body)
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, method: str, url: str, body: dict[str, Any] | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         try:
-            response = await self._session().post(url, json=body)
+            response = await self._session().request(method, url, json=body)
         except TRANSPORT_ERRORS as exc:
             raise connection_error(exc, url) from exc
         try:
