@@ -59,12 +59,16 @@ def test_the_scripted_server_lists_and_enforces_a_models_context(scripted: Scrip
 
     too_many = post("a b", 21)
     assert too_many.status_code == 400
-    assert too_many.json()["error"]["message"] == (
-        "max_tokens=21 cannot be greater than max_model_len=20. Please request fewer output tokens."
-    )
+    assert too_many.json()["error"] == {
+        "message": "max_tokens=21 cannot be greater than max_model_len=20. Please request fewer output "
+        "tokens. (parameter=max_tokens, value=21)",
+        "type": "BadRequestError",
+        "param": "max_tokens",
+        "code": 400,
+    }
     full = post(" a" * 20, 1)
-    assert (
-        full.status_code == 400 and full.json()["error"]["message"] == "max_tokens must be at least 1, got 0."
+    assert full.status_code == 400 and full.json()["error"]["message"] == (
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
     )
     over = post(" a" * 21, 1)
     assert over.status_code == 400

@@ -102,7 +102,7 @@ async def generation(state: ServerState, request: Request) -> Response:
             max_model_len=max_model_len(state, model),
         )
     except BadRequest as exc:
-        return error_response(str(exc))
+        return error_response(str(exc), param=exc.param)
     return await answer(state, request, req, prompt, record)
 
 

@@ -19,12 +19,16 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitErr
 
 
 class BadRequest(Exception):
-    """A request the server answers with 400 and this message."""
+    """A request the server answers with 400 and this message (``param``: the field at fault)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def error_response(message: str, status: int = 400) -> JSONResponse:
+def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     etype = _ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "APIError")
-    body = {"error": {"message": message, "type": etype, "param": None, "code": status}}
+    body = {"error": {"message": message, "type": etype, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
 
@@ -174,21 +178,30 @@ def fit_max_tokens(body: dict[str, Any], *, chat: bool, prompt_tokens: int, max_
     param = next((n for n in names if body.get(n) is not None), "max_tokens")
     max_tokens = _int_field(body, *names)
     if max_tokens is not None and max_tokens > max_model_len:
-        raise BadRequest(
+        raise _invalid(
             f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
-            "Please request fewer output tokens."
+            "Please request fewer output tokens.",
+            param,
+            max_tokens,
         )
     if prompt_tokens > max_model_len:
-        raise BadRequest(
+        raise _invalid(
             f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
             f"contains {prompt_tokens} input tokens, which exceeds this limit even without any "
-            "output tokens. Please reduce the length of the input prompt."
+            "output tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+            prompt_tokens,
         )
     room = max_model_len - prompt_tokens
     fitted = room if max_tokens is None else min(max_tokens, room)
     if fitted < 1:
-        raise BadRequest(f"max_tokens must be at least 1, got {fitted}.")
+        raise _invalid(f"max_tokens must be at least 1, got {fitted}.", "max_tokens", fitted)
     return fitted
+
+
+def _invalid(message: str, parameter: str, value: int) -> BadRequest:
+    """vLLM's ``VLLMValidationError``: the message names the field and the value."""
+    return BadRequest(f"{message} (parameter={parameter}, value={value})", param=parameter)
 
 
 def usage(req: GenerationRequest, gen: Generation) -> dict[str, Any]:
