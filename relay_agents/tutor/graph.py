@@ -56,11 +56,10 @@ def recent_messages(messages: Sequence[BaseMessage], limit: int) -> list[BaseMes
     return window
 
 
-def without_oldest_turn(window: list[BaseMessage]) -> list[BaseMessage] | None:
-    """``window`` less its first user turn (the question and what followed it up to the next
-    question); ``None`` when only the last question is left."""
-    later = next((i for i in range(1, len(window)) if isinstance(window[i], HumanMessage)), None)
-    return None if later is None else window[later:]
+def shorter_windows(window: list[BaseMessage]) -> list[list[BaseMessage]]:
+    """``window`` less its oldest turns (a question and what followed it), one turn more each
+    time, down to the last question alone."""
+    return [window[i:] for i, m in enumerate(window) if i > 0 and isinstance(m, HumanMessage)]
 
 
 def prompt_limit(config: RelayConfig, context: int) -> int:
@@ -71,7 +70,14 @@ def prompt_limit(config: RelayConfig, context: int) -> int:
 
 
 class _History:
-    """Fits a window of the conversation into the student's context (counted by its server)."""
+    """Fits a window of the conversation into the student's context (counted by its server).
+
+    The whole window is counted first (it fits unless the context is small), then the turns
+    are added back from the newest while they fit: on the tiny pair's 512-token context, where
+    a tutor answer runs to its 256-token cap, that was two counts per question, where dropping
+    the oldest turn one at a time counted once per dropped turn (four by the fifth question,
+    up to ten with the default history).
+    """
 
     def __init__(self, config: RelayConfig, client: EndpointClient) -> None:
         self.config = config
@@ -82,31 +88,37 @@ class _History:
         return Request(messages=prompt, answer="", max_tokens=1, enable_thinking=self.config.enable_thinking)
 
     def fit(self, window: list[BaseMessage]) -> tuple[list[BaseMessage], EventDict | None]:
-        context = self.client.context_tokens()
+        shorter = shorter_windows(window)
+        context = self.client.context_tokens() if shorter else None
         if context is None:
             return window, None
-        kept = window
-        while (shorter := without_oldest_turn(kept)) is not None and (
-            self.client.prompt_tokens(self.request(kept)) or 0
-        ) > prompt_limit(self.config, context):
-            kept = shorter
+        limit = prompt_limit(self.config, context)
+        if (self.client.prompt_tokens(self.request(window)) or 0) <= limit:
+            return window, None
+        kept = shorter[-1]
+        for candidate in reversed(shorter[:-1]):
+            if (self.client.prompt_tokens(self.request(candidate)) or 0) > limit:
+                break
+            kept = candidate
         return kept, trimmed_event(len(window) - len(kept), context)
 
     async def afit(self, window: list[BaseMessage]) -> tuple[list[BaseMessage], EventDict | None]:
-        context = await self.client.acontext_tokens()
+        shorter = shorter_windows(window)
+        context = await self.client.acontext_tokens() if shorter else None
         if context is None:
             return window, None
-        kept = window
-        while (shorter := without_oldest_turn(kept)) is not None and (
-            await self.client.aprompt_tokens(self.request(kept)) or 0
-        ) > prompt_limit(self.config, context):
-            kept = shorter
+        limit = prompt_limit(self.config, context)
+        if (await self.client.aprompt_tokens(self.request(window)) or 0) <= limit:
+            return window, None
+        kept = shorter[-1]
+        for candidate in reversed(shorter[:-1]):
+            if (await self.client.aprompt_tokens(self.request(candidate)) or 0) > limit:
+                break
+            kept = candidate
         return kept, trimmed_event(len(window) - len(kept), context)
 
 
-def trimmed_event(dropped: int, context: int) -> EventDict | None:
-    if not dropped:
-        return None
+def trimmed_event(dropped: int, context: int) -> EventDict:
     return {
         "kind": "history_trimmed",
         "message": f"The {dropped} oldest message{'' if dropped == 1 else 's'} of this conversation "
