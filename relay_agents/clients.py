@@ -445,14 +445,14 @@ class EndpointClient:
         vLLM answers 400 to a max_tokens above max_model_len and to a prompt that leaves no
         room. The context is the endpoint's setting, else what /v1/models lists, read once per
         client. The prompt is counted by the server's /tokenize, exactly, and only when its UTF-8
-        bytes do not show that it fits (the chat API's prompt is rendered by the server, so it is
-        always counted): under a 32768-token context and the 8192-token default answer cap a
-        prompt under 24574 bytes needs none; on the tiny pair's 512-token context each tutor
-        answer sends one, median 2.9 to 6.4 ms
-        (857-token prompt, two runs on a shared 2-core machine) against 0.6 to 2.0 s for the
-        answer. The previous request's prompt_tokens plus the tokens written since would cost no
-        request, but it is not exact (a text's tokens are not the sum of its parts' tokens) and
-        the first request of an answer has none.
+        bytes do not show that it fits (the chat API's prompt is rendered by the server, so it
+        is always counted): under a 32768-token context and the default 8192-token answer cap,
+        a prompt under 24574 bytes needs no count. On the tiny pair's 512-token context each
+        request of a tutor answer sent one, median 2.9 to 6.4 ms (857-token prompt, two runs on
+        a shared 2-core machine), against 0.6 to 2.0 s for the whole 256-token answer. The
+        previous request's prompt_tokens plus the tokens written since would cost no request,
+        but it is not exact (a text's tokens are not the sum of its parts' tokens) and the first
+        request of an answer has none.
         """
         context = self.context_tokens()
         count = self._count_body(body, wanted, context)

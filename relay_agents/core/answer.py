@@ -260,7 +260,7 @@ def finish_student_turn(
     if generation.context_full:
         # No room for another token: a call or another turn could only be refused.
         a["student_view"] += text
-        a["events"].append(_context_full_event("student"))
+        a["events"].append(_context_full_event())
         close_turn(False)
         _finish(a, "length", "student")
         return a, deltas
@@ -419,10 +419,10 @@ _DECLINE_TEXT = {
 }
 
 
-def _context_full_event(source: Source) -> EventDict:
+def _context_full_event() -> EventDict:
     return {
         "kind": "context_full",
-        "message": f"the {source}'s context window is full: the answer ends here",
+        "message": "the student's context window is full: the answer ends here",
         "reason": "context_full",
     }
 

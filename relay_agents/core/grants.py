@@ -2,8 +2,8 @@
 
 Every limit is one entry of the list :func:`grant` walks, in order: a closed gate
 (:class:`Blocked`), a token cap (:class:`TokenCap`: the call cap, the answer's tokens left, the
-room left in the teacher's context) or a
-budget (:class:`BudgetLimit`: the answer's, the conversation's, the user's pool). The answer
+room in the teacher's context) or a budget (:class:`BudgetLimit`: the answer's, the
+conversation's, the user's pool). The answer
 state machine and the budget stores build their entries and call the same function, so a
 call is cut or declined for the same reason wherever it is decided.
 """

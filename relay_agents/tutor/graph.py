@@ -155,7 +155,8 @@ def build_tutor_graph(
     (``response_metadata["relay"]`` has its spans, usage, events and the conversation's
     budget). ``system_prompt`` is used when ``config`` has none (``None``: no system
     prompt, as for students trained without one); ``history_messages`` caps what the relay
-    sees. Both ``invoke`` and ``ainvoke`` work.
+    sees, and the student's context cuts it further (oldest turns first, with a
+    ``history_trimmed`` event). Both ``invoke`` and ``ainvoke`` work.
     """
     if history_messages < 1:
         raise ValueError("history_messages must be at least 1 (the question itself)")
