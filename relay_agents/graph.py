@@ -18,12 +18,12 @@ import contextlib
 import contextvars
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Annotated, Any, Generic, TypedDict, TypeVar
 
-from langchain_core.messages import AIMessage, AnyMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langgraph.config import get_config, get_stream_writer
 from langgraph.graph import END, START, StateGraph
@@ -66,7 +66,7 @@ from relay_agents.core.config import ByDigest, RelayConfig, hold_ttl_s
 from relay_agents.core.grants import Balance, CallQuote, ScopeKind, Spend, has_limits
 from relay_agents.core.policies import TurnPlan
 from relay_agents.core.protocol import CleanTextFilter
-from relay_agents.core.types import Generation, Request
+from relay_agents.core.types import Generation, Message, Request
 from relay_agents.prompts import protocol_messages, to_openai_messages
 
 T = TypeVar("T")
@@ -176,6 +176,13 @@ def _context() -> RelayContext:
     if isinstance(context, dict):
         return RelayContext(**context)
     return context
+
+
+def relay_prompt(config: RelayConfig, messages: Sequence[BaseMessage | Message]) -> list[Message]:
+    """The messages a relay answering ``messages`` sends its models (the protocol's prompt)."""
+    return protocol_messages(
+        to_openai_messages(messages), user_template=config.user_template, system_prompt=config.system_prompt
+    )
 
 
 class MessagesState(TypedDict):
@@ -313,12 +320,7 @@ class RelayNodes:
         ledger = state.get("ledger") or new_ledger()
         if answer is not None and answer.get("question_id") == question_id:
             return answer, ledger
-        prompt = protocol_messages(
-            to_openai_messages(messages),
-            user_template=self.config.user_template,
-            system_prompt=self.config.system_prompt,
-        )
-        return start_answer(prompt, self.config, question_id), ledger
+        return start_answer(relay_prompt(self.config, messages), self.config, question_id), ledger
 
     # Each node is plan -> I/O -> apply: the sync and async bodies differ only in their I/O
     # lines (a model request, a budget-store call).
@@ -433,7 +435,7 @@ class RelayNodes:
         if failed is not None and self.config.on_teacher_failure == "raise":
             raise failed
         call = step.call
-        if gen is not None:
+        if gen is not None and gen.context_room != 0:  # 0: the call was never asked
             call.flush_held()
             if not call.streamed:
                 call.write(call.filter.feed(gen.text))

@@ -6,6 +6,7 @@ plain data out (JSON-friendly dicts, so any LangGraph checkpointer can persist i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, TypedDict
 
 from relay_agents.core.config import RelayConfig
@@ -138,6 +139,20 @@ def start_answer(messages: list[Message], config: RelayConfig, question_id: str 
     }
 
 
+def context_room(wanted: int, context_tokens: int | None, prompt_tokens: int | None) -> int | None:
+    """The tokens a request for ``wanted`` may ask for when the endpoint's context (of
+    ``context_tokens``, after a prompt of ``prompt_tokens``; ``None``: not counted) holds fewer;
+    ``None`` when it holds them all.
+
+    0 means no room: the reply must end as "context full" without a request, because vLLM
+    answers 400 to ``max_tokens=0`` and to a prompt that fills its context.
+    """
+    if context_tokens is None:
+        return None
+    room = max(context_tokens - (prompt_tokens or 0), 0)
+    return room if room < wanted else None
+
+
 def answer_tokens_left(answer: AnswerState, config: RelayConfig) -> int:
     return config.max_answer_tokens - answer["student_tokens"] - answer["teacher_tokens"]
 
@@ -242,6 +257,14 @@ def finish_student_turn(
             deltas.append(("student", tail))
         _add_span(a, "student", streamed + tail, generation.completion_tokens)
         a["started"] = flt.answer_started
+
+    if generation.context_full:
+        # No room for another token: a call or another turn could only be refused.
+        a["student_view"] += text
+        a["events"].append(_context_full_event())
+        close_turn(False)
+        _finish(a, "length", "student")
+        return a, deltas
 
     at_quota = plan is not None and plan.call_at_limit and generation.finish_reason == "length"
     if generation.cut or at_quota:
@@ -393,6 +416,7 @@ _DECLINE_TEXT = {
     "answer_tokens": "the answer has no tokens left",
     "target_share": "the answer's teacher-token share reached its target",
     "min_gap": "too few student tokens since the last call",
+    "context_full": "the teacher's context is full",
 }
 
 
@@ -405,6 +429,14 @@ def _held_text(reason: str, held: Spend) -> str:
     if reason == "budget_cost" and held.cost_usd > 0:
         return f"${held.cost_usd:.6f} held"
     return ""
+
+
+def _context_full_event() -> EventDict:
+    return {
+        "kind": "context_full",
+        "message": "the student's context window is full: the answer ends here",
+        "reason": "context_full",
+    }
 
 
 def _decline_event(grant: Grant) -> EventDict:
@@ -533,6 +565,18 @@ def finish_teacher_call(
         )
         _continue_or_stop(a, config, "student")
         return a, ledger, deltas
+
+    room = generation.context_room
+    if room is not None:
+        fitted = replace(
+            grant(CallQuote(call["granted"]), [TokenCap("context_tokens", room)]), requested=call["requested"]
+        )
+        if fitted.declined:  # nothing was asked: the teacher's context has no room
+            a["events"].append(_decline_event(fitted))
+            deltas = _withdraw_call(a)
+            _continue_or_stop(a, config, "student")
+            return a, ledger, deltas
+        a["events"].append(_cut_event(fitted))
 
     a["call"], a["held"] = None, ""
     tail = held_student_text(answer)

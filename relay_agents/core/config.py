@@ -85,6 +85,13 @@ class Endpoint(_Strict):
         "`logit_bias` on the `<call>` token (ids from the server's /tokenize), or not at all.",
     )
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    context_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        alias="max_model_len",
+        description="The model's context window in tokens; default: the `max_model_len` the server "
+        "lists in /v1/models (vLLM), else none. Requests are cut to fit it.",
+    )
     instruct_template: str = DEFAULT_INSTRUCT_TEMPLATE
 
     @field_validator("base_url")

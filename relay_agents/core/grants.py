@@ -1,8 +1,9 @@
 """Whether a teacher call may start, and how many tokens it may write: one decision.
 
 Every limit is one entry of the list :func:`grant` walks, in order: a closed gate
-(:class:`Blocked`), a token cap (:class:`TokenCap`: the call cap, the answer's tokens left) or a
-budget (:class:`BudgetLimit`: the answer's, the conversation's, the user's pool). The answer
+(:class:`Blocked`), a token cap (:class:`TokenCap`: the call cap, the answer's tokens left, the
+room in the teacher's context) or a budget (:class:`BudgetLimit`: the answer's, the
+conversation's, the user's pool). The answer
 state machine and the budget stores build their entries and call the same function, so a
 call is cut or declined for the same reason wherever it is decided.
 """
@@ -25,6 +26,7 @@ DeclineReason = Literal[
     "answer_tokens",
     "target_share",
     "min_gap",
+    "context_full",
 ]
 
 
@@ -112,8 +114,13 @@ class Blocked:
 class TokenCap:
     """At most ``tokens`` (``None``: no cap); ``name`` is the limit, as events report it."""
 
-    name: Literal["max_call_tokens", "answer_tokens"]
+    name: Literal["max_call_tokens", "answer_tokens", "context_tokens"]
     tokens: int | None
+
+    @property
+    def exhausted(self) -> DeclineReason:
+        """Why a call is declined when this cap leaves nothing."""
+        return "context_full" if self.name == "context_tokens" else "answer_tokens"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +151,7 @@ def grant(quote: CallQuote, limits: Iterable[Limit]) -> Grant:
         if isinstance(limit, Blocked):
             return Grant(requested, 0, None, limit.reason)
         if isinstance(limit, TokenCap):
-            caps: list[tuple[DeclineReason, int | None]] = [("answer_tokens", limit.tokens)]
+            caps: list[tuple[DeclineReason, int | None]] = [(limit.exhausted, limit.tokens)]
             names = [limit.name]
             limit_scope: ScopeKind | None = None
             held = NOTHING

@@ -44,7 +44,15 @@ class Generation:
     error: Exception | None = None  # the stream broke after its first chunk
     cut: bool = False  # a watch cut the reply before a token (``text`` ends just before it)
     discarded_tokens: int = 0  # tokens generated after the cut (paid for, not in ``text``)
+    #: The request was cut to this many tokens to fit the endpoint's context (0: no room was
+    #: left, nothing was sent); ``None``: it asked for all it wanted.
+    context_room: int | None = None
 
     @property
     def hit_stop_string(self) -> bool:
         return self.finish_reason == "stop" and isinstance(self.stop_reason, str)
+
+    @property
+    def context_full(self) -> bool:
+        """The reply ended because the endpoint's context has no more room."""
+        return self.context_room is not None and self.finish_reason == "length"

@@ -2,7 +2,9 @@
 
 The tutor keeps the whole conversation in its own state (``messages``; a checkpointer
 persists it per ``thread_id``) and hands the relay only the recent part of it, so a long
-conversation does not outgrow a small student's context. The relay runs as a plain graph
+conversation does not outgrow a small student's context: at most ``history_messages``, and,
+when the student's context is known, only the turns whose prompt leaves the answer its room
+(the oldest dropped first, the answer says so in an event). The relay runs as a plain graph
 inside the ``tutor`` node (not a checkpointed subgraph: the tutor's checkpoints hold the
 conversation, not every relay step); its ``{"source", "text"}`` deltas are passed on to the
 tutor's ``custom`` stream mode, and its budget is the conversation's (the ``thread_id``).
@@ -21,9 +23,12 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 
+from relay_agents.clients import EndpointClient, client_for
+from relay_agents.core.answer import EventDict
 from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.core.grants import has_limits
-from relay_agents.graph import RelayContext, build_relay_graph, conversation_id
+from relay_agents.core.types import Request
+from relay_agents.graph import RelayContext, build_relay_graph, conversation_id, relay_prompt
 
 TUTOR_SYSTEM_PROMPT = (
     "You are a patient maths tutor. Explain the solution step by step, one short step per "
@@ -49,6 +54,76 @@ def recent_messages(messages: Sequence[BaseMessage], limit: int) -> list[BaseMes
     while not isinstance(window[0], HumanMessage):
         window.pop(0)
     return window
+
+
+def shorter_windows(window: list[BaseMessage]) -> list[list[BaseMessage]]:
+    """``window`` less its oldest turns (a question and what followed it), one turn more each
+    time, down to the last question alone."""
+    return [window[i:] for i, m in enumerate(window) if i > 0 and isinstance(m, HumanMessage)]
+
+
+def prompt_limit(config: RelayConfig, context: int) -> int:
+    """The most prompt tokens a ``context``-token student takes: the rest is the answer's room,
+    its whole cap or, when the cap is larger, half the context (one question's history does not
+    crowd out its answer; the tiny pair's 512 tokens leave a 256-token prompt)."""
+    return context - min(config.max_answer_tokens, context // 2)
+
+
+class _History:
+    """Fits a window of the conversation into the student's context (counted by its server).
+
+    The whole window is counted first (it fits unless the context is small), then the turns
+    are added back from the newest while they fit: on the tiny pair's 512-token context, where
+    a tutor answer runs to its 256-token cap, that was two counts per question, where dropping
+    the oldest turn one at a time counted once per dropped turn (four by the fifth question,
+    up to ten with the default history).
+    """
+
+    def __init__(self, config: RelayConfig, client: EndpointClient) -> None:
+        self.config = config
+        self.client = client
+
+    def request(self, window: list[BaseMessage]) -> Request:
+        prompt = relay_prompt(self.config, window)
+        return Request(messages=prompt, answer="", max_tokens=1, enable_thinking=self.config.enable_thinking)
+
+    def fit(self, window: list[BaseMessage]) -> tuple[list[BaseMessage], EventDict | None]:
+        shorter = shorter_windows(window)
+        context = self.client.context_tokens() if shorter else None
+        if context is None:
+            return window, None
+        limit = prompt_limit(self.config, context)
+        if (self.client.prompt_tokens(self.request(window)) or 0) <= limit:
+            return window, None
+        kept = shorter[-1]
+        for candidate in reversed(shorter[:-1]):
+            if (self.client.prompt_tokens(self.request(candidate)) or 0) > limit:
+                break
+            kept = candidate
+        return kept, trimmed_event(len(window) - len(kept), context)
+
+    async def afit(self, window: list[BaseMessage]) -> tuple[list[BaseMessage], EventDict | None]:
+        shorter = shorter_windows(window)
+        context = await self.client.acontext_tokens() if shorter else None
+        if context is None:
+            return window, None
+        limit = prompt_limit(self.config, context)
+        if (await self.client.aprompt_tokens(self.request(window)) or 0) <= limit:
+            return window, None
+        kept = shorter[-1]
+        for candidate in reversed(shorter[:-1]):
+            if (await self.client.aprompt_tokens(self.request(candidate)) or 0) > limit:
+                break
+            kept = candidate
+        return kept, trimmed_event(len(window) - len(kept), context)
+
+
+def trimmed_event(dropped: int, context: int) -> EventDict:
+    return {
+        "kind": "history_trimmed",
+        "message": f"The {dropped} oldest message{'' if dropped == 1 else 's'} of this conversation "
+        f"were left out of the prompt to fit the student's {context}-token context.",
+    }
 
 
 def tutor_relay_config(config: RelayConfig, system_prompt: str | None) -> RelayConfig:
@@ -80,27 +155,29 @@ def build_tutor_graph(
     (``response_metadata["relay"]`` has its spans, usage, events and the conversation's
     budget). ``system_prompt`` is used when ``config`` has none (``None``: no system
     prompt, as for students trained without one); ``history_messages`` caps what the relay
-    sees. Both ``invoke`` and ``ainvoke`` work.
+    sees, and the student's context cuts it further (oldest turns first, with a
+    ``history_trimmed`` event). Both ``invoke`` and ``ainvoke`` work.
     """
     if history_messages < 1:
         raise ValueError("history_messages must be at least 1 (the question itself)")
+    relay_config = tutor_relay_config(config, system_prompt)
     # checkpointer=False: never a checkpointed subgraph of the tutor (LangGraph's switch).
-    relay = build_relay_graph(tutor_relay_config(config, system_prompt), checkpointer=False)
+    relay = build_relay_graph(relay_config, checkpointer=False)
+    history = _History(relay_config, client_for(relay_config.student, "student"))
 
-    def relay_run(state: TutorState, run: RunnableConfig) -> tuple[dict[str, Any], RelayContext]:
-        """The relay's inputs, and its context: the thread's budget, deltas straight into the
-        tutor's own ``custom`` stream."""
-        inputs = {"messages": recent_messages(state["messages"], history_messages)}
-        context = RelayContext(conversation_id=conversation_id(None, run), on_delta=get_stream_writer())
-        return inputs, context
+    def relay_context(run: RunnableConfig) -> RelayContext:
+        """The thread's budget, deltas straight into the tutor's own ``custom`` stream."""
+        return RelayContext(conversation_id=conversation_id(None, run), on_delta=get_stream_writer())
 
     def tutor(state: TutorState, config: RunnableConfig) -> dict[str, Any]:
-        inputs, context = relay_run(state, config)
-        return {"messages": [_reply(relay.invoke(inputs, context=context))]}
+        window, trimmed = history.fit(recent_messages(state["messages"], history_messages))
+        reply = _reply(relay.invoke({"messages": window}, context=relay_context(config)))
+        return {"messages": [_with_event(reply, trimmed)]}
 
     async def atutor(state: TutorState, config: RunnableConfig) -> dict[str, Any]:
-        inputs, context = relay_run(state, config)
-        return {"messages": [_reply(await relay.ainvoke(inputs, context=context))]}
+        window, trimmed = await history.afit(recent_messages(state["messages"], history_messages))
+        reply = _reply(await relay.ainvoke({"messages": window}, context=relay_context(config)))
+        return {"messages": [_with_event(reply, trimmed)]}
 
     builder = StateGraph(TutorState)
     builder.add_node("tutor", RunnableLambda(tutor, afunc=atutor, name="tutor"))
@@ -114,3 +191,12 @@ def _reply(state: dict[str, Any]) -> AIMessage:
     if not isinstance(message, AIMessage) or "relay" not in message.response_metadata:
         raise RuntimeError("the relay ended without an answer")
     return message
+
+
+def _with_event(reply: AIMessage, event: EventDict | None) -> AIMessage:
+    """``reply`` with ``event`` first among its relay events (``None``: as it is)."""
+    if event is None:
+        return reply
+    meta = reply.response_metadata
+    relay = {**meta["relay"], "events": [event, *meta["relay"]["events"]]}
+    return reply.model_copy(update={"response_metadata": {**meta, "relay": relay}})

@@ -28,6 +28,11 @@ def notice(event: dict[str, Any]) -> dict[str, str]:
             "kind": "budget",
             "text": f"Teacher call declined: {_after_colon(event['message'])}. The student went on alone.",
         }
+    if kind == "truncated_call" and reason == "context_tokens":
+        return {
+            "kind": "teacher",
+            "text": f"Teacher call cut to fit the teacher's context ({event['message']}).",
+        }
     if kind == "truncated_call":
         return {
             "kind": "budget",

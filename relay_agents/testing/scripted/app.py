@@ -63,6 +63,7 @@ class ServerState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, None] = field(default_factory=dict)  # ordered set
     config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
+    context_windows: dict[str, int] = field(default_factory=dict)  # per model, over max_model_len
 
     def reset(self) -> None:
         """Clear everything except the vocabulary (token ids stay stable)."""
@@ -70,6 +71,7 @@ class ServerState:
         self.requests.clear()
         self.models.clear()
         self.config = dict(DEFAULT_CONFIG)
+        self.context_windows.clear()
 
     def configure(self, changes: dict[str, Any]) -> None:
         """Set config values; ValueError for an unknown key or a value of the wrong type."""
@@ -110,10 +112,10 @@ async def generation(state: ServerState, request: Request) -> Response:
             model=model,
             prompt=prompt,
             vocabulary=state.vocabulary,
-            max_model_len=state.config["max_model_len"],
+            max_model_len=max_model_len(state, model),
         )
     except BadRequest as exc:
-        return error_response(str(exc))
+        return error_response(str(exc), param=exc.param)
     return await answer(state, request, req, prompt, record)
 
 
@@ -176,7 +178,7 @@ async def tokenize_endpoint(state: ServerState, request: Request) -> Response:
     return JSONResponse(
         {
             "count": len(tokens),
-            "max_model_len": state.config["max_model_len"],
+            "max_model_len": max_model_len(state, str(body.get("model") or "")),
             "tokens": [state.vocabulary.token_id(t) for t in tokens],
             "token_strs": tokens if body.get("return_token_strs") else None,
         }
@@ -205,7 +207,7 @@ async def models_endpoint(state: ServerState, request: Request) -> Response:
             "owned_by": "vllm",
             "root": name,
             "parent": None,
-            "max_model_len": state.config["max_model_len"],
+            "max_model_len": max_model_len(state, name),
             "permission": [],
         }
         for name in names
@@ -215,6 +217,27 @@ async def models_endpoint(state: ServerState, request: Request) -> Response:
 
 async def health(state: ServerState, request: Request) -> Response:
     return Response(status_code=200)
+
+
+# ---- context windows: per model, else the configured max_model_len ---------------------------
+
+
+def max_model_len(state: ServerState, model: str) -> int:
+    return state.context_windows.get(model, state.config["max_model_len"])
+
+
+async def admin_context_window(state: ServerState, request: Request) -> Response:
+    """``{"model", "max_model_len"}``: the model's context window, listed and enforced."""
+    try:
+        body = await read_json(request)
+        tokens = body["max_model_len"]
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise BadRequest("max_model_len must be a positive integer")
+        state.context_windows[str(body["model"])] = tokens
+        state.models.setdefault(str(body["model"]))
+    except (BadRequest, KeyError) as exc:
+        return error_response(f"bad context window: {exc}")
+    return JSONResponse({"ok": True})
 
 
 # ---- admin endpoints -----------------------------------------------------------------------
@@ -277,6 +300,7 @@ _ROUTES = [
     ("/_scripted/script", admin_script, "POST"),
     ("/_scripted/faults", admin_faults, "POST"),
     ("/_scripted/configure", admin_configure, "POST"),
+    ("/_scripted/context_window", admin_context_window, "POST"),
     ("/_scripted/requests", admin_requests, "GET"),
     ("/_scripted/reset", admin_reset, "POST"),
 ]

@@ -130,6 +130,12 @@ class ScriptedServer:
         ``max_model_len``; returns the full config."""
         return self._call("POST", "/_scripted/configure", config)["config"]
 
+    def context_window(self, model: str, max_model_len: int) -> None:
+        """Give ``model`` a context of ``max_model_len`` tokens (listed in /v1/models, enforced as
+        vLLM 0.32 does: a max_tokens above it or a prompt that leaves no room is a 400, a
+        max_tokens above the room is cut to it)."""
+        self._call("POST", "/_scripted/context_window", {"model": model, "max_model_len": max_model_len})
+
     def requests(self) -> list[dict[str, Any]]:
         """Generation requests so far, in order: ``{"path", "model", "body", "prompt", "disconnected"}``
         (``disconnected``: the client was seen leaving a hanging request or an unfinished stream)."""

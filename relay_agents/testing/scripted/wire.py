@@ -19,12 +19,16 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitErr
 
 
 class BadRequest(Exception):
-    """A request the server answers with 400 and this message."""
+    """A request the server answers with 400 and this message (``param``: the field at fault)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def error_response(message: str, status: int = 400) -> JSONResponse:
+def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     etype = _ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "APIError")
-    body = {"error": {"message": message, "type": etype, "param": None, "code": status}}
+    body = {"error": {"message": message, "type": etype, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
 
@@ -145,16 +149,7 @@ def parse_generation(
         raise BadRequest("Stream options can only be defined when `stream=True`.")
     stop = _stop_list(body.get("stop"))
     prompt_tokens = len(tokenize(prompt))
-    max_tokens = _int_field(body, *(("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)))
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}.")
-    if prompt_tokens + (max_tokens or 1) > max_model_len:
-        raise BadRequest(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the "
-            f"messages, {max_tokens or 0} in the completion). Please reduce the length of "
-            "the messages or completion."
-        )
+    max_tokens = fit_max_tokens(body, chat=chat, prompt_tokens=prompt_tokens, max_model_len=max_model_len)
     suppress_calls = _calls_banned(body, vocabulary)
     return GenerationRequest(
         chat=chat,
@@ -164,12 +159,49 @@ def parse_generation(
         stop=stop,
         include_stop_str_in_output=bool(body.get("include_stop_str_in_output", False)),
         prompt_tokens=prompt_tokens,
-        max_tokens=max_model_len - prompt_tokens if max_tokens is None else max_tokens,
+        max_tokens=max_tokens,
         suppress_calls=suppress_calls,
         top_logprobs=_requested_logprobs(body, chat),
         id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         created=int(time.time()),
     )
+
+
+# ---- the context window, checked as vLLM 0.32 checks it ---------------------------------------
+
+
+def fit_max_tokens(body: dict[str, Any], *, chat: bool, prompt_tokens: int, max_model_len: int) -> int:
+    """The tokens a request may generate, or :class:`BadRequest` with vLLM's message: a
+    max_tokens above the context, a prompt longer than the context, then the max_tokens left
+    once it is cut to the room after the prompt (vLLM cuts it silently) when that is below 1."""
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    param = next((n for n in names if body.get(n) is not None), "max_tokens")
+    max_tokens = _int_field(body, *names)
+    if max_tokens is not None and max_tokens > max_model_len:
+        raise _invalid(
+            f"{param}={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            param,
+            max_tokens,
+        )
+    if prompt_tokens > max_model_len:
+        raise _invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"contains {prompt_tokens} input tokens, which exceeds this limit even without any "
+            "output tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+            prompt_tokens,
+        )
+    room = max_model_len - prompt_tokens
+    fitted = room if max_tokens is None else min(max_tokens, room)
+    if fitted < 1:
+        raise _invalid(f"max_tokens must be at least 1, got {fitted}.", "max_tokens", fitted)
+    return fitted
+
+
+def _invalid(message: str, parameter: str, value: int) -> BadRequest:
+    """vLLM's ``VLLMValidationError``: the message names the field and the value."""
+    return BadRequest(f"{message} (parameter={parameter}, value={value})", param=parameter)
 
 
 def usage(req: GenerationRequest, gen: Generation) -> dict[str, Any]:
