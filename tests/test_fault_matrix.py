@@ -36,7 +36,7 @@ TEACHER = [" 1 2 3 4 5 6 7 8 9 10"]  # ten tokens: a teacher that overruns write
 WHOLE_ANSWER = "x 1 2 3 y"
 ALONE = "x  y"  # the student's own text around the failed call
 #: Every case ends within this much more than its wait (the deadline, a Retry-After).
-SLACK_S = 1.0
+SLACK_S = 3.0  # far below the 20 s read timeout a hang would otherwise take; room for a loaded machine
 
 
 @dataclass(frozen=True)
