@@ -127,10 +127,8 @@ def demo(
             errors.print("  pip install 'relay-agents[cpu]'   (or: bash scripts/install.sh)")
             raise typer.Exit(1)
         try:
-            with console.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
-                servers = tiny_pair_servers()
-            with console.status("Starting two vLLM servers on the CPU (~30 s)"):
-                servers.start()
+            servers = tiny_pair_servers()  # the shipped models (a build, if needed, shows its bars)
+            servers.start()  # shows both start-ups against their expected time
         except VLLMServerError as exc:
             errors.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None

@@ -52,10 +52,8 @@ def tutor_setup(config_file: Path | None) -> Iterator[tuple[RelayConfig, TutorOp
             "embedded tiny world needs vLLM: pip install 'relay-agents[cpu]' (or bash scripts/install.sh)"
         )
     try:
-        with errors.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
-            servers = tiny_pair_servers()
-        with errors.status("Starting two vLLM servers on the CPU (~30 s)"):
-            servers.start()
+        servers = tiny_pair_servers()  # the shipped models (a build, if needed, shows its bars)
+        servers.start()  # shows both start-ups against their expected time
     except VLLMServerError as exc:
         raise _fail(str(exc)) from None
     with servers:
