@@ -16,8 +16,8 @@ Face model directories that vLLM serves:
   table). At this size and budget it learns the copying and the easy steps but few of the
   564 products.
 
-The default recipe's build ships with the package (``relay_agents/tiny/weights/``, about
-3 MB, written by ``python -m relay_agents.tiny ship``), so the demo and the tests start
+The default recipe's build ships with the package (``relay_agents/tiny/weights/``, 2.7 MB,
+written by ``python -m relay_agents.tiny ship``), so the demo and the tests start
 without training. Other recipes (or a shipped copy that does not verify) are built and cached
 in ``$RELAY_AGENTS_CACHE/tiny/<recipe-hash>/`` (default ``~/.cache/relay-agents/tiny/...``).
 A directory, shipped or cached, is only used when its ``manifest.json`` (written last) matches
