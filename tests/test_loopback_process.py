@@ -47,11 +47,17 @@ def test_a_ready_server_answers_on_its_free_port(tmp_path: Path) -> None:
     port = free_port()
     command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)]
     process = LoopbackProcess(command, log_path=tmp_path / "server.log")
+    waits: list[float] = []
     seconds = process.start(
-        lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200, timeout=30, interval=0.05
+        lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 200,
+        timeout=30,
+        interval=0.05,
+        on_wait=waits.append,
     )
     try:
         assert seconds > 0 and process.running
+        # the progress display hears of every poll, with the seconds waited so far
+        assert waits and waits == sorted(waits) and waits[-1] <= seconds
         assert http_get(f"http://127.0.0.1:{port}/")[0] == 200
     finally:
         process.stop(timeout=5)

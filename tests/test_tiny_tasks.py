@@ -98,12 +98,8 @@ def test_grader():
     assert not tasks.is_correct("292", "292")
 
 
-def test_build_cache_verifies_and_rebuilds(tmp_path):
-    """A micro recipe: cached pair reused; corrupt or foreign dirs are rebuilt, never used."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    import json
-
+def _micro_recipe():
+    """A recipe that builds in seconds."""
     from relay_agents.tiny import build
 
     micro = build.ModelRecipe(
@@ -120,7 +116,19 @@ def test_build_cache_verifies_and_rebuilds(tmp_path):
         n_train=16,
         seed=0,
     )
-    recipe = build.Recipe(teacher=micro, student=micro, tokenizer_problems=100)
+    return build.Recipe(teacher=micro, student=micro, tokenizer_problems=100)
+
+
+def test_build_cache_verifies_and_rebuilds(tmp_path):
+    """A micro recipe: cached pair reused; corrupt or foreign dirs are rebuilt, never used."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import json
+
+    from relay_agents.tiny import build
+
+    recipe = _micro_recipe()
+    micro = recipe.teacher
     pair = build.build_tiny_pair(tmp_path, recipe=recipe)
     root = pair.root
     assert root == tmp_path / recipe.digest()
@@ -159,6 +167,32 @@ def test_build_cache_verifies_and_rebuilds(tmp_path):
     assert not build.verify_pair(root, other.digest())
     # no temporary build dirs are left behind
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [recipe.digest()]
+
+
+def test_a_build_shows_each_models_steps_rate_and_eta(tmp_path, capfd):
+    """The training bars, rendered on a terminal console (any file will do); transformers' own
+    "Writing model shards" bars stay off."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import io
+
+    from rich.console import Console
+
+    from relay_agents.progress import step_bars
+    from relay_agents.tiny import build
+
+    screen = io.StringIO()
+    with step_bars(Console(file=screen, force_terminal=True, color_system=None, width=120)) as bars:
+        build.build_tiny_pair(tmp_path, recipe=_micro_recipe(), progress=bars)
+    shown = screen.getvalue()
+    for name in ("teacher", "student", "solo"):
+        assert re.search(rf"{name} .*2/2 .*steps/s .*ETA", shown), shown
+    assert "Writing model shards" not in "".join(capfd.readouterr())
+    # not a terminal (a CI log): no bars at all
+    quiet = io.StringIO()
+    with step_bars(Console(file=quiet)) as bars:
+        build.build_tiny_pair(tmp_path, recipe=_micro_recipe(), progress=bars, force=True)
+    assert quiet.getvalue() == ""
 
 
 def test_solo_recipe_and_pair_compat():

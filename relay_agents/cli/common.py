@@ -69,13 +69,11 @@ def tiny_pair() -> Iterator[TinyPairServers]:
             "embedded tiny world needs vLLM: pip install 'relay-agents[cpu]' (or bash scripts/install.sh)"
         )
     try:
-        with errors.status("Building or loading the tiny student/teacher pair (first run: ~3 min)"):
-            servers = tiny_pair_servers()
+        servers = tiny_pair_servers()  # the shipped models (a build, if needed, shows its bars)
         # here, on the main thread (the servers start from threads): a SIGTERM, which uvicorn
         # passes on once it has shut down, then stops them too
         install_stop_handlers()
-        with errors.status("Starting two vLLM servers on the CPU (~30 s)"):
-            servers.start()
+        servers.start()  # shows both start-ups against their expected time
     except VLLMServerError as exc:
         raise fail(str(exc)) from None
     with servers:

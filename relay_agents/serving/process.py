@@ -135,10 +135,18 @@ class LoopbackProcess:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def start(self, ready: Callable[[], bool], *, timeout: float, interval: float) -> float:
+    def start(
+        self,
+        ready: Callable[[], bool],
+        *,
+        timeout: float,
+        interval: float,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> float:
         """Start the process and poll ``ready()`` every ``interval`` seconds until it is true;
-        the seconds that took. Raises :class:`ServerStartError` (after stopping the process)
-        if it exits first or ``timeout`` passes."""
+        the seconds that took. ``on_wait`` gets the seconds waited so far before each poll (a
+        progress display). Raises :class:`ServerStartError` (after stopping the process) if it
+        exits first or ``timeout`` passes."""
         if self.popen is not None:
             raise RuntimeError("this process was already started")
         if self.log_path is not None:
@@ -163,8 +171,11 @@ class LoopbackProcess:
                 code = popen.poll()
                 if code is not None:
                     raise ServerStartError(f"exited with code {code} during start", self.log_tail())
-                if time.monotonic() - t0 > timeout:
+                waited = time.monotonic() - t0
+                if waited > timeout:
                     raise ServerStartError(f"was not ready after {timeout:g}s", self.log_tail())
+                if on_wait is not None:
+                    on_wait(waited)
                 if ready():
                     break
                 time.sleep(interval)

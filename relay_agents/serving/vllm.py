@@ -16,6 +16,7 @@ process is killed outright, the kernel stops the server (``die_with_parent``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,7 +26,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from rich.progress import Progress
+
 from relay_agents.cache import cache_root
+from relay_agents.progress import wait_bars
 from relay_agents.serving.process import (
     LOOPBACK,
     LoopbackProcess,
@@ -36,6 +40,10 @@ from relay_agents.serving.process import (
 )
 
 INSTALL_HINT = "pip install 'relay-agents[cpu]'"
+#: What a tiny model's server takes to answer, shown against the time waited: the tiny pair,
+#: started side by side on the 2-core machine the tiny world is measured on, took 35 and 39 s
+#: in ``relay-agents demo`` and 63 to 68 s with other jobs running (measured 2026-11-30).
+EXPECTED_STARTUP_SECONDS = 40.0
 
 
 class VLLMServerError(RuntimeError):
@@ -58,7 +66,8 @@ class VLLMServer:
     ``cpu_cores``: cores for vLLM's OpenMP threads, e.g. ``"0"``, ``"1"`` or ``"0-1"``
     (``None``: vLLM's default, core 0). ``extra_args`` go to the api_server command line.
     ``log_dir``: where ``<name>.log`` is written (default: a per-run directory under the
-    relay-agents cache, ``~/.cache/relay-agents/logs/``).
+    relay-agents cache, ``~/.cache/relay-agents/logs/``). ``expected_startup``: the seconds
+    the start-up's progress bar expects (a bigger model takes longer).
     """
 
     def __init__(
@@ -71,6 +80,7 @@ class VLLMServer:
         extra_args: Sequence[str] = (),
         log_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 240.0,
+        expected_startup: float = EXPECTED_STARTUP_SECONDS,
         port: int | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -81,6 +91,7 @@ class VLLMServer:
         self.extra_args = tuple(extra_args)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.startup_timeout = startup_timeout
+        self.expected_startup = expected_startup
         self.port = port
         self.env = dict(env or {})
         self.log_path: Path | None = None
@@ -143,8 +154,9 @@ class VLLMServer:
         env.update(self.env)
         return env
 
-    def start(self) -> VLLMServer:
-        """Start the server and wait until ``/health`` and ``/v1/models`` answer."""
+    def start(self, progress: Progress | None = None) -> VLLMServer:
+        """Start the server and wait until ``/health`` and ``/v1/models`` answer, with a bar
+        of the time waited on ``progress`` (default: its own, on stderr when a terminal)."""
         if self._process is not None:
             return self
         if not vllm_available():
@@ -160,9 +172,17 @@ class VLLMServer:
         self.log_path = log_dir / f"{self.model}-{self.port}.log"
         self._process = LoopbackProcess(self.command(), env=self.environment(), log_path=self.log_path)
         try:
-            self.startup_seconds = self._process.start(
-                self._ready, timeout=self.startup_timeout, interval=0.25
-            )
+            with contextlib.nullcontext(progress) if progress is not None else wait_bars() as shown:
+                bar = shown.add_task(f"vLLM {self.model} starting", total=self.expected_startup)
+
+                def waited(seconds: float) -> None:  # the bar stops short of the end until ready
+                    shown.update(bar, completed=min(seconds, 0.95 * self.expected_startup))
+
+                self.startup_seconds = self._process.start(
+                    self._ready, timeout=self.startup_timeout, interval=0.25, on_wait=waited
+                )
+                shown.update(bar, completed=self.expected_startup, description=f"vLLM {self.model} ready")
+                shown.stop_task(bar)  # its elapsed time stays the start-up's
         except ServerStartError as exc:
             self._process = None
             raise VLLMServerError(

@@ -3,9 +3,10 @@
 * :mod:`relay_agents.tiny.tasks` — problems, reference/teacher/student solutions, grader
   (pure Python).
 * :mod:`relay_agents.tiny.tokenizer` — the shared byte-level BPE tokenizer (``tokenizers``).
-* :mod:`relay_agents.tiny.build` — ``build_tiny_pair()`` trains and caches the models:
-  teacher, relay student and the solo student (the student's size, trained without relay)
-  (``torch`` + ``transformers``, the ``cpu`` extra).
+* :mod:`relay_agents.tiny.build` — ``build_tiny_pair()`` gives the models shipped with the
+  package, or trains and caches them: teacher, relay student and the solo student (the
+  student's size, trained without relay) (training needs ``torch`` + ``transformers``, the
+  ``cpu`` extra).
 * :mod:`relay_agents.tiny.evaluate` — the paper's table in miniature through the relay
   engine (``benchmarks/tiny_world.py``).
 * :mod:`relay_agents.tiny.servers` — the pair (and the solo student) served by vLLM

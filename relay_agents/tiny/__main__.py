@@ -1,4 +1,4 @@
-"""``python -m relay_agents.tiny build|eval|path``: build, evaluate or locate the tiny models."""
+"""``python -m relay_agents.tiny build|ship|eval|path``: build, ship, evaluate or locate the tiny models."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ import json
 import logging
 import sys
 
+from rich.logging import RichHandler
+
+from relay_agents.progress import STDERR
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay_agents.tiny")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="train (or load from the cache) the tiny student/teacher/solo")
+    b = sub.add_parser("build", help="load (shipped or cached) or train the tiny student/teacher/solo")
     b.add_argument("--cache-dir", default=None)
-    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--force", action="store_true", help="train even if shipped or cached")
+    s = sub.add_parser(
+        "ship", help="build the default recipe in the cache (or load it there) and copy it into the package"
+    )
+    s.add_argument("--cache-dir", default=None)
+    s.add_argument("--force", action="store_true", help="train even if cached")
     e = sub.add_parser("eval", help="held-out accuracy (transformers, greedy; --vllm: the relay engine)")
     e.add_argument("--cache-dir", default=None)
     e.add_argument("-n", type=int, default=200)
@@ -21,13 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("path", help="print the student, teacher and solo directories (builds if needed)")
     p.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if STDERR.is_terminal:  # log lines print above the progress bars
+        handler = RichHandler(console=STDERR, show_path=False)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from .build import build_tiny_pair, read_stats
+    from .build import build_tiny_pair, read_stats, ship_pair
 
-    pair = build_tiny_pair(args.cache_dir, force=getattr(args, "force", False))
-    if args.cmd == "build":
+    force = getattr(args, "force", False)
+    pair = build_tiny_pair(args.cache_dir, force=force, use_shipped=args.cmd != "ship")
+    if args.cmd == "ship":
+        print(ship_pair(pair).root)
+    elif args.cmd == "build":
         print(
             json.dumps(
                 {

@@ -16,10 +16,13 @@ Face model directories that vLLM serves:
   table). At this size and budget it learns the copying and the easy steps but few of the
   564 products.
 
-Results are cached in ``$RELAY_AGENTS_CACHE/tiny/<recipe-hash>/`` (default
-``~/.cache/relay-agents/tiny/...``). A directory is only used when its ``manifest.json``
-(written last) matches the recipe hash and every file's checksum; anything else is rebuilt
-in a temporary directory inside the cache and renamed into place atomically. A rebuild
+The default recipe's build ships with the package (``relay_agents/tiny/weights/``, 2.7 MB,
+written by ``python -m relay_agents.tiny ship``), so the demo and the tests start
+without training. Other recipes (or a shipped copy that does not verify) are built and cached
+in ``$RELAY_AGENTS_CACHE/tiny/<recipe-hash>/`` (default ``~/.cache/relay-agents/tiny/...``).
+A directory, shipped or cached, is only used when its ``manifest.json`` (written last) matches
+the recipe hash and every file's checksum; anything else is rebuilt in a temporary directory
+inside the cache and renamed into place atomically. A rebuild
 copies (checksum-verified) any model that another cached build trained with the same model
 recipe, shared settings and tokenizer instead of retraining it (training is deterministic),
 so adding a model to the recipe only trains the new one; ``force=True`` retrains all.
@@ -27,6 +30,7 @@ so adding a model to the recipe only trains the new one; ``force=True`` retrains
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,9 +41,12 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rich.progress import Progress, TaskID
 
 from relay_agents.cache import (
     HF_MODEL_FILES,
@@ -50,6 +57,7 @@ from relay_agents.cache import (
     verify_manifest,
     write_manifest,
 )
+from relay_agents.progress import step_bars
 
 from . import tasks
 from .tokenizer import (
@@ -70,6 +78,8 @@ BUILD_VERSION = 2
 #: the models of a build, in training order; each is a sub-directory of the build
 MODEL_NAMES = ("teacher", "student", "solo")
 MODEL_FILES = (*HF_MODEL_FILES, "special_tokens_map.json")
+#: the default recipe's build, shipped as package data (a build directory with its manifest)
+SHIPPED_DIR = Path(__file__).with_name("weights")
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,11 @@ class TinyPair:
     def root(self) -> Path:
         return self.student_dir.parent
 
+    @classmethod
+    def in_build(cls, root: Path) -> TinyPair:
+        """The pair of the build directory ``root``."""
+        return cls(student_dir=root / "student", teacher_dir=root / "teacher", solo_dir=root / "solo")
+
 
 # --------------------------------------------------------------------------- manifest
 
@@ -271,8 +286,16 @@ def _make_config(mr: ModelRecipe, tok, recipe: Recipe):
     )
 
 
-def train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) -> dict[str, Any]:
-    """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``."""
+def train_model(
+    mr: ModelRecipe,
+    tok,
+    recipe: Recipe,
+    examples,
+    out_dir: Path,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``;
+    ``on_step`` is called after every training step (a progress bar)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -283,16 +306,19 @@ def train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) -
     # several times longer; flushing them to zero keeps the step time flat.
     torch.set_flush_denormal(True)
     try:
-        return _train_model(mr, tok, recipe, examples, out_dir)
+        return _train_model(mr, tok, recipe, examples, out_dir, on_step)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) -> dict[str, Any]:
+def _train_model(
+    mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path, on_step: Callable[[], None] | None
+) -> dict[str, Any]:
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(mr.seed)
     config = _make_config(mr, tok, recipe)
@@ -344,12 +370,21 @@ def _train_model(mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(out.loss.item())
+        if on_step is not None:
+            on_step()
         if step % 100 == 0 or step == mr.steps - 1:
             log.info("step %d loss %.4f (%.1fs)", step, out.loss.item(), time.monotonic() - t0)
     seconds = time.monotonic() - t0
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # transformers draws a "Writing model shards" bar for a one-shard save: not our progress
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
     GenerationConfig(
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
@@ -411,20 +446,34 @@ def _reuse_model(base: Path, root: Path, name: str, mr: ModelRecipe, recipe: Rec
     return None
 
 
-def _build_into(root: Path, recipe: Recipe, *, reuse_from: Path | None = None) -> dict[str, Any]:
+def build_tokenizer(recipe: Recipe):
+    """The shared tokenizer of ``recipe``'s models (deterministic: seeded problems)."""
     problems = tasks.train_problems(recipe.tokenizer_problems, seed=10_000)
-    tok = train_tokenizer(tokenizer_corpus(problems), vocab_size=recipe.vocab_size)
-    save_tokenizer(tok, root, model_max_length=recipe.max_position_embeddings)
-    stats: dict[str, Any] = {}
-    for name, mr, student in (
+    return train_tokenizer(tokenizer_corpus(problems), vocab_size=recipe.vocab_size)
+
+
+def _build_into(
+    root: Path, recipe: Recipe, progress: Progress, *, reuse_from: Path | None = None
+) -> dict[str, Any]:
+    models = (
         ("teacher", recipe.teacher, False),
         ("student", recipe.student, True),
         ("solo", recipe.solo_recipe, False),  # the teacher's full solutions, student-sized
-    ):
+    )
+    bars: dict[str, TaskID] = {
+        name: progress.add_task(name, total=mr.steps, start=False) for name, mr, _ in models
+    }
+    tok = build_tokenizer(recipe)
+    save_tokenizer(tok, root, model_max_length=recipe.max_position_embeddings)
+    stats: dict[str, Any] = {}
+    for name, mr, student in models:
+        bar = bars[name]
         reused = _reuse_model(reuse_from, root, name, mr, recipe) if reuse_from is not None else None
         if reused is not None:
             stats[name] = reused
+            progress.update(bar, completed=mr.steps, description=f"{name} (reused)")
             continue
+        progress.update(bar, description=f"{name} (preparing {mr.n_train} examples)")
         examples = build_examples(
             tok,
             tasks.train_problems(mr.n_train, seed=mr.seed),
@@ -433,10 +482,41 @@ def _build_into(root: Path, recipe: Recipe, *, reuse_from: Path | None = None) -
             seed=mr.seed,
         )
         log.info("training %s on %d examples", name, len(examples))
-        stats[name] = train_model(mr, tok, recipe, examples, root / name)
+        progress.update(bar, description=name)
+        progress.start_task(bar)
+        stats[name] = train_model(
+            mr, tok, recipe, examples, root / name, on_step=lambda bar=bar: progress.advance(bar)
+        )
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (root / f).unlink()
     return stats
+
+
+def shipped_pair(recipe: Recipe = DEFAULT_RECIPE) -> TinyPair | None:
+    """The pair shipped with the package, if it is a build of ``recipe`` whose files verify."""
+    return TinyPair.in_build(SHIPPED_DIR) if verify_pair(SHIPPED_DIR, recipe.digest()) else None
+
+
+def ship_pair(pair: TinyPair, dest: Path = SHIPPED_DIR) -> TinyPair:
+    """Copy the verified build of ``pair`` (models and manifest) to ``dest``, replacing it:
+    how a rebuilt default recipe becomes the package's weights."""
+    digest = json.loads((pair.root / MANIFEST).read_text())["recipe_hash"]
+    if not verify_pair(pair.root, digest):
+        raise RuntimeError(f"{pair.root} is not a verified build")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for rel in (*_model_files(), MANIFEST):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pair.root / rel, tmp / rel)
+        if not verify_pair(tmp, digest):
+            raise RuntimeError(f"the copy of {pair.root} in {tmp} did not verify")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.chmod(0o755)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TinyPair.in_build(dest)
 
 
 def build_tiny_pair(
@@ -444,17 +524,23 @@ def build_tiny_pair(
     force: bool = False,
     *,
     recipe: Recipe = DEFAULT_RECIPE,
+    use_shipped: bool = True,
+    progress: Progress | None = None,
 ) -> TinyPair:
-    """Train (or load from the cache) the tiny student/teacher pair and the solo student.
+    """The tiny student/teacher pair and the solo student: the shipped build of ``recipe``
+    (``use_shipped``), else the cached one, else trained here.
 
     ``cache_dir`` is the directory that holds one sub-directory per recipe hash (default
-    ``cache_root() / "tiny"``). ``force`` rebuilds even if a valid cached pair exists.
+    ``cache_root() / "tiny"``). ``force`` trains even if a valid shipped or cached pair
+    exists. ``progress``: where the training bars go (default: stderr, when a terminal).
     Safe against concurrent builders (a file lock) and interrupted builds.
     """
+    if use_shipped and not force and (shipped := shipped_pair(recipe)) is not None:
+        return shipped
     base = Path(cache_dir) if cache_dir is not None else cache_root() / "tiny"
     digest = recipe.digest()
     final = base / digest
-    pair = TinyPair(student_dir=final / "student", teacher_dir=final / "teacher", solo_dir=final / "solo")
+    pair = TinyPair.in_build(final)
     if not force and verify_pair(final, digest):
         return pair
     with file_lock(base / f".{digest}.lock"):
@@ -467,7 +553,8 @@ def build_tiny_pair(
         tmp.chmod(0o755)
         try:
             t0 = time.monotonic()
-            stats = _build_into(tmp, recipe, reuse_from=None if force else base)
+            with contextlib.nullcontext(progress) if progress is not None else step_bars() as shown:
+                stats = _build_into(tmp, recipe, shown, reuse_from=None if force else base)
             stats["build_seconds"] = round(time.monotonic() - t0, 1)
             _write_manifest(tmp, digest, recipe, stats)
             if final.exists():

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.progress import Progress
+
+from relay_agents.progress import wait_bars
 from relay_agents.serving import VLLMServer, default_log_dir
 from relay_agents.serving.process import install_stop_handlers
 
@@ -32,17 +35,18 @@ class TinyPairServers:
         # start both at once: each takes ~20 s, mostly idle waiting on imports
         errors: list[BaseException] = []
 
-        def run(server: VLLMServer) -> None:
+        def run(server: VLLMServer, bars: Progress) -> None:
             try:
-                server.start()
+                server.start(bars)
             except BaseException as e:
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(s,)) for s in (self.student, self.teacher)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with wait_bars() as bars:  # one display for both start-ups
+            threads = [threading.Thread(target=run, args=(s, bars)) for s in (self.student, self.teacher)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         if errors:
             self.stop()
             raise errors[0]
