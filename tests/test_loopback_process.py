@@ -22,8 +22,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_process_that_exits_while_starting_names_its_code_and_output() -> None:
-    process = LoopbackProcess([sys.executable, "-c", "print('no model here'); raise SystemExit(3)"])
+@pytest.mark.parametrize("log_file", [False, True], ids=["temporary-log", "log-file"])
+def test_a_process_that_exits_while_starting_names_its_code_and_output(
+    tmp_path: Path, log_file: bool
+) -> None:
+    command = [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"]
+    process = LoopbackProcess(command, log_path=tmp_path / "server.log" if log_file else None)
     with pytest.raises(ServerStartError, match="exited with code 3 during start") as info:
         process.start(lambda: False, timeout=30, interval=0.05)
     assert "no model here" in info.value.log_tail

@@ -150,7 +150,7 @@ class LoopbackProcess:
         if self.popen is not None:
             raise RuntimeError("this process was already started")
         if self.log_path is not None:
-            self._log = self.log_path.open("ab")
+            self._log = self.log_path.open("a+b")  # readable too: log_tail reads it back
         else:
             self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         self._log.write(f"$ {' '.join(self.command)}\n".encode())
