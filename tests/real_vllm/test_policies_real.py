@@ -91,8 +91,8 @@ def turns(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Request, Generatio
     seen: list[tuple[str, Request, Generation]] = []
     agenerate = EndpointClient.agenerate
 
-    async def spy(self: EndpointClient, request: Request, on_text=None, watch=None) -> Generation:
-        gen = await agenerate(self, request, on_text, watch)
+    async def spy(self: EndpointClient, request: Request, on_text=None, watch=None, **kwargs) -> Generation:
+        gen = await agenerate(self, request, on_text, watch, **kwargs)
         seen.append((self.endpoint.model, request, gen))
         return gen
 
