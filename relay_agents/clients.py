@@ -131,6 +131,11 @@ class StreamError(ValueError):
     """The server sent an error event or a reply of the wrong shape (in a stream or whole)."""
 
 
+class TokenCountError(RuntimeError):
+    """The server could not re-encode a reply's text (``token_count = "tokenizer"`` needs its
+    ``/tokenize``). Not a stream error: the reply arrived, so its tokens are still charged."""
+
+
 # -- failures that say what to do ---------------------------------------------------------
 
 
@@ -581,6 +586,43 @@ class EndpointClient:
             self._call_token_ids = self._tag_ids(tokenized)
         return self._call_token_ids
 
+    # -- counting a reply's text ---------------------------------------------------------
+
+    def _text_count(self, answer: Any) -> int:
+        count = token_count(answer.get("count")) if isinstance(answer, dict) else None
+        if count is None:
+            raise ValueError(f"/tokenize answered {str(answer)[:200]}")
+        return count
+
+    def _count_failed(self, exc: Exception) -> TokenCountError:
+        return TokenCountError(
+            f"{self.role} endpoint {self.endpoint.base_url} (model {self.endpoint.model!r}): "
+            f"token_count = 'tokenizer' re-encodes each reply with the server's /tokenize, which "
+            f"failed: {exc}. Hint: use token_count = 'usage' with a server that has none"
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """The tokens of ``text`` re-encoded by the server's tokenizer, no special tokens added
+        (so no EOS): the published evaluation's count. No text: 0, without a request."""
+        if not text:
+            return 0
+        try:
+            return self._text_count(
+                self.sync_transport.post_json(self._tokenize_url(), self._text_body(text))
+            )
+        except STREAM_ERRORS as exc:
+            raise self._count_failed(exc) from exc
+
+    async def acount_tokens(self, text: str) -> int:
+        if not text:
+            return 0
+        try:
+            return self._text_count(
+                await self.transport.post_json(self._tokenize_url(), self._text_body(text))
+            )
+        except STREAM_ERRORS as exc:
+            raise self._count_failed(exc) from exc
+
     # -- the context window -------------------------------------------------------------
 
     def _models_url(self) -> str:
@@ -869,6 +911,8 @@ class EndpointClient:
         ``watch`` (with ``request.logprobs``) sees each token and may cut the reply before one:
         a stream stops there (the connection is closed), a whole reply is cut after the fact.
         ``on_interrupt`` gets what had arrived when anything but a stream error ends the call.
+        With ``request.count_with_tokenizer`` the reply's text is also re-encoded
+        (``Generation.text_tokens``); a count that fails raises :class:`TokenCountError`.
         A failure (raised, or a stream's ``error``) names the role, the URL and a hint.
         The call ends at the endpoint's ``call_deadline_s``: the text of a stream so far comes
         back with a :class:`DeadlineExceeded` error, a call without text raises it. (This sync
@@ -877,6 +921,8 @@ class EndpointClient:
         collector = self._collector(request, watch)
         try:
             gen = self._generate(request, collector, on_text, Deadline(self.endpoint.call_deadline_s))
+            if request.count_with_tokenizer:
+                gen.text_tokens = self.count_tokens(gen.text)
         except STREAM_ERRORS as exc:
             explain_failure(exc, self.endpoint, self.role, self._served() if model_missing(exc) else None)
             raise
@@ -956,6 +1002,8 @@ class EndpointClient:
                 if not collector.parts:
                     raise error from None
                 gen = collector.result(error=error)
+            if request.count_with_tokenizer:
+                gen.text_tokens = await self.acount_tokens(gen.text)
         except STREAM_ERRORS as exc:
             served = await self._aserved() if model_missing(exc) else None
             explain_failure(exc, self.endpoint, self.role, served)

@@ -9,15 +9,16 @@ the cases that exercise them say so.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
 import pytest
 
-from relay_agents import ConfigError, RelayConfig, arelay, load_config
+from relay_agents import ConfigError, RelayConfig, RelayResult, arelay, load_config, relay
 from relay_agents.core.presets import PUBLISHED_PROMPT_SUFFIX
-from relay_agents.testing import ScriptedServer
+from relay_agents.testing import ScriptedServer, tokenize
 from tests.conftest import endpoint
 
 S, T = "student", "teacher"
@@ -243,6 +244,71 @@ async def test_a_teacher_failure_fails_the_answer(scripted: ScriptedServer) -> N
         await arelay("Q-parity-fail", published(scripted))
 
 
+# --------------------------------------------------------------------------- counting tokens
+
+#: (student's turns, teacher's calls, student EOS tokens, teacher EOS tokens): vLLM's usage
+#: counts the EOS token of a reply that ended on one; the published count re-encodes the texts.
+COUNTED: dict[str, tuple[list[str], list[str], int, int]] = {
+    "the student ends on EOS": (["12*34 = <call>3</call>", " So \\boxed{408}."], [" 408"], 1, 0),
+    "the teacher ends on EOS": (["Let me ask <call>50</call>"], [" the end."], 0, 1),
+}
+
+
+def _counted(scripted: ScriptedServer, name: str) -> tuple[int, int, int, int]:
+    """Script case ``name`` (usage counting the EOS, as vLLM's); its texts' counts, re-encoded,
+    and its EOS tokens."""
+    student, teacher, student_eos, teacher_eos = COUNTED[name]
+    scripted.configure(usage_counts_eos=True)
+    scripted.script("student", "Q-count", student)
+    scripted.script("teacher", "Q-count", teacher)
+    s_text, t_text = sum(len(tokenize(t)) for t in student), sum(len(tokenize(t)) for t in teacher)
+    return s_text, t_text, student_eos, teacher_eos
+
+
+def _check_counts(result: RelayResult, student: int, teacher: int) -> None:
+    assert (result.usage.student_tokens, result.usage.teacher_tokens) == (student, teacher)
+    assert result.usage.call_ratio == pytest.approx(teacher / (student + teacher))
+    spans = {"student": 0, "teacher": 0}
+    for span in result.spans:
+        spans[span.source] += span.tokens
+    assert spans == {"student": student, "teacher": teacher}
+
+
+@pytest.mark.parametrize("name", list(COUNTED))
+async def test_the_default_reports_usage_the_preset_the_texts_re_encoded(
+    scripted: ScriptedServer, name: str
+) -> None:
+    s_text, t_text, s_eos, t_eos = _counted(scripted, name)
+    default = RelayConfig(student=endpoint(scripted, "student"), teacher=endpoint(scripted, "teacher"))
+    assert default.token_count == "usage"
+    _check_counts(await arelay("Q-count", default), s_text + s_eos, t_text + t_eos)
+
+    scripted.reset()
+    _counted(scripted, name)
+    config = published(scripted)
+    assert config.token_count == "tokenizer"
+    result = await arelay("Q-count", config, conversation_id=f"count-{uuid.uuid4().hex}")
+    _check_counts(result, s_text, t_text)
+    # Budgets charge what was delivered: usage's count, the EOS included.
+    assert result.budget.spent_teacher_tokens == t_text + t_eos
+
+
+def test_the_sync_path_counts_the_same(scripted: ScriptedServer) -> None:
+    s_text, t_text, _, t_eos = _counted(scripted, "the teacher ends on EOS")
+    result = relay("Q-count", published(scripted), conversation_id=f"count-{uuid.uuid4().hex}")
+    _check_counts(result, s_text, t_text)
+    assert result.budget.spent_teacher_tokens == t_text + t_eos
+
+
+def test_the_count_follows_the_setting_not_the_preset(scripted: ScriptedServer) -> None:
+    s_text, t_text, s_eos, t_eos = _counted(scripted, "the student ends on EOS")
+    config = RelayConfig.published(
+        endpoint(scripted, "student"), endpoint(scripted, "teacher"), token_count="usage"
+    )
+    result = relay("Q-count", config)
+    _check_counts(result, s_text + s_eos, t_text + t_eos)
+
+
 # --------------------------------------------------------------------------- the switch
 
 STUDENT = {"base_url": "http://127.0.0.1:8001/v1", "model": "student"}
@@ -253,6 +319,7 @@ PUBLISHED_VALUES = {
     "max_student_turns": 5,
     "on_malformed_call": "fail",
     "on_teacher_failure": "raise",
+    "token_count": "tokenizer",
     "preset": "published",
 }
 

@@ -93,6 +93,22 @@ async def test_eos_and_exact_length(srv, client):
     assert resp.choices[0].finish_reason == "length"
 
 
+async def test_usage_counts_the_eos_as_vllm_when_configured(srv, client):
+    srv.script(model="teacher", match="Q1", responses=[" 408. extra words"] * 4)
+    assert srv.configure(usage_counts_eos=True)["usage_counts_eos"] is True
+    whole = await complete(client, model="teacher")
+    assert whole.choices[0].text == " 408. extra words"
+    assert whole.usage.completion_tokens == 6 + 1  # the EOS token, not in the text
+    stream = await complete(client, model="teacher", stream=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.completion_tokens == 7
+    cut = await complete(client, model="teacher", max_tokens=6)  # no EOS: nothing more to count
+    assert (cut.choices[0].finish_reason, cut.usage.completion_tokens) == ("length", 6)
+    stopped = await complete(client, stop=["</call>"], extra_body={"include_stop_str_in_output": True})
+    assert stopped.choices[0].stop_reason == "</call>"  # a stop string is no EOS
+    assert stopped.usage.completion_tokens == len(tokenize("Let me see: 12*34 = <call>2</call>"))
+
+
 async def test_streaming_chunks_and_usage(client):
     stream = await complete(
         client,
@@ -244,6 +260,11 @@ async def test_tokenize_detokenize_round_trip(srv):
         )
         prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         assert chat.json()["count"] == len(tokenize(prompt))
+        for special in (True, False):  # the emulated tokenizer, as Qwen's, adds no BOS to a text
+            body = {"model": "m", "prompt": " 408.", "add_special_tokens": special}
+            assert (await http.post("/tokenize", json=body)).json()["count"] == 4
+        bad = await http.post("/tokenize", json={"model": "m", "prompt": "x", "add_special_tokens": "no"})
+        assert bad.status_code == 400
         assert (await http.post("/detokenize", json={"tokens": [10**9]})).status_code == 400
 
 

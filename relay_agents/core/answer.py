@@ -94,6 +94,9 @@ class AnswerState(TypedDict):
     teacher_tokens: int
     teacher_calls: int
     student_discarded_tokens: int
+    #: The tokens results report (``RelayConfig.token_count``); the two above are usage's.
+    student_reported_tokens: int
+    teacher_reported_tokens: int
     since_call: int | None
     student_prompt_tokens: int
     teacher_prompt_tokens: int
@@ -126,6 +129,8 @@ def start_answer(messages: list[Message], config: RelayConfig, question_id: str 
         "teacher_tokens": 0,
         "teacher_calls": 0,
         "student_discarded_tokens": 0,
+        "student_reported_tokens": 0,
+        "teacher_reported_tokens": 0,
         "since_call": None,
         "student_prompt_tokens": 0,
         "teacher_prompt_tokens": 0,
@@ -206,6 +211,7 @@ def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | N
         suppress_calls=answer["calls_suppressed"] or plan.suppress_calls,
         enable_thinking=config.enable_thinking,
         logprobs=plan.logprobs,
+        count_with_tokenizer=config.token_count == "tokenizer",
     )
 
 
@@ -243,6 +249,8 @@ def finish_student_turn(
     a["student_turns"] += 1
     a["student_tokens"] += generation.completion_tokens
     a["student_discarded_tokens"] = a.get("student_discarded_tokens", 0) + generation.discarded_tokens
+    reported = generation.reported_tokens
+    a["student_reported_tokens"] += reported
     if a.get("since_call") is not None:
         a["since_call"] = (a["since_call"] or 0) + generation.completion_tokens
     a["student_prompt_tokens"] += generation.prompt_tokens
@@ -255,7 +263,7 @@ def finish_student_turn(
         tail = flt.finish(answered_call=answered)
         if tail:
             deltas.append(("student", tail))
-        _add_span(a, "student", streamed + tail, generation.completion_tokens)
+        _add_span(a, "student", streamed + tail, reported)
         a["started"] = flt.answer_started
 
     if generation.context_full:
@@ -288,7 +296,7 @@ def finish_student_turn(
             "stop": teacher_stop(config.policy),
         }
         a["held"] = flt.pending
-        _add_span(a, "student", streamed, generation.completion_tokens)
+        _add_span(a, "student", streamed, reported)
         a["started"] = flt.answer_started
         return a, deltas
 
@@ -351,7 +359,7 @@ def finish_student_turn(
     }
     a["student_view"] += text
     a["held"] = flt.pending
-    _add_span(a, "student", streamed, generation.completion_tokens)
+    _add_span(a, "student", streamed, reported)
     a["started"] = flt.answer_started
     return a, deltas
 
@@ -529,6 +537,7 @@ def teacher_request(answer: AnswerState, config: RelayConfig) -> Request:
         max_tokens=call["granted"],
         stop=call.get("stop"),
         enable_thinking=config.enable_thinking,
+        count_with_tokenizer=config.token_count == "tokenizer",
     )
 
 
@@ -590,12 +599,13 @@ def finish_teacher_call(
     a["student_view"] += generation.text
     a["since_call"] = 0
     a["teacher_tokens"] += tokens
+    a["teacher_reported_tokens"] += generation.reported_tokens
     a["teacher_calls"] += 1
     a["teacher_prompt_tokens"] += generation.prompt_tokens
     a["teacher_cost_usd"] += cost
     clean = clean_teacher_text(generation.text)
     a["started"] = a["started"] or bool(clean.strip())
-    _add_span(a, "teacher", clean, tokens)
+    _add_span(a, "teacher", clean, generation.reported_tokens)
     new = {
         "teacher_tokens": ledger["teacher_tokens"] + tokens,
         "teacher_calls": ledger["teacher_calls"] + 1,
@@ -668,14 +678,16 @@ def relay_record(
     store = store_balances or {}
     conversation = store.get("conversation")
     turn = Spend(answer["teacher_tokens"], answer["teacher_calls"], answer["teacher_cost_usd"])
+    student = answer["student_reported_tokens"]
+    teacher = answer["teacher_reported_tokens"]
     return RelayRecord(
         spans=[Span(**s) for s in answer["spans"]],
         usage=RelayUsage(
-            student_tokens=answer["student_tokens"],
-            teacher_tokens=answer["teacher_tokens"],
+            student_tokens=student,
+            teacher_tokens=teacher,
             teacher_calls=answer["teacher_calls"],
             student_discarded_tokens=answer.get("student_discarded_tokens", 0),
-            call_ratio=call_ratio(answer["student_tokens"], answer["teacher_tokens"]),
+            call_ratio=call_ratio(student, teacher),
             cost_usd=answer["student_cost_usd"] + answer["teacher_cost_usd"],
             student_prompt_tokens=answer["student_prompt_tokens"],
             teacher_prompt_tokens=answer["teacher_prompt_tokens"],

@@ -185,6 +185,13 @@ class RelayConfig(_Strict):
         "answer (the published evaluation scored it as a failure).",
     )
     on_teacher_failure: Literal["continue", "raise"] = "continue"
+    token_count: Literal["usage", "tokenizer"] = Field(
+        default="usage",
+        description="How the tokens results report (and the call ratio) are counted: `usage`: the "
+        "servers' usage (vLLM counts a reply's EOS token); `tokenizer`: each reply's text "
+        "re-encoded with its endpoint's /tokenize, no EOS (the published evaluation's count; one "
+        "more request per model reply). Budgets and the answer cap always use usage.",
+    )
     preset: PresetName | None = Field(
         default=None,
         description="The preset whose values fill what is not set (relay_agents.core.presets); "

@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_call_tokens": None,
         "on_malformed_call": "fail",
         "on_teacher_failure": "raise",
+        "token_count": "tokenizer",
     },
 }
 

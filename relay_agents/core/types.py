@@ -30,6 +30,8 @@ class Request:
     suppress_calls: bool = False
     enable_thinking: bool = False
     logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
+    #: Also count the reply's text with the endpoint's tokenizer (``Generation.text_tokens``).
+    count_with_tokenizer: bool = False
 
 
 @dataclass(slots=True)
@@ -47,6 +49,15 @@ class Generation:
     #: The request was cut to this many tokens to fit the endpoint's context (0: no room was
     #: left, nothing was sent); ``None``: it asked for all it wanted.
     context_room: int | None = None
+    #: The reply's text re-encoded by the endpoint's tokenizer (no special tokens, so no EOS),
+    #: when the request asked for it; ``None``: not counted.
+    text_tokens: int | None = None
+
+    @property
+    def reported_tokens(self) -> int:
+        """The tokens results report for this reply: the re-encoded text's when counted, else
+        the server's usage (what was paid for, which budgets always charge)."""
+        return self.completion_tokens if self.text_tokens is None else self.text_tokens
 
     @property
     def hit_stop_string(self) -> bool:

@@ -51,6 +51,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "max_model_len": 32768,
     # As vLLM: a model that is not scripted is answered 404 "does not exist" (else any is served).
     "strict_models": False,
+    # As vLLM: usage counts the EOS token of a reply that ended on one (its text does not hold it).
+    "usage_counts_eos": False,
 }
 
 
@@ -138,6 +140,7 @@ async def answer(
         stop=req.stop,
         include_stop_str_in_output=req.include_stop_str_in_output,
         max_tokens=None if name == "overrun" else req.max_tokens,
+        count_eos=state.config["usage_counts_eos"],
     )
     if name == "surrogate" and gen.pieces:
         gen.pieces[0] += LONE_SURROGATE
@@ -169,8 +172,13 @@ async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) 
 
 
 async def tokenize_endpoint(state: ServerState, request: Request) -> Response:
+    """vLLM's ``/tokenize``: a prompt's or messages' ``count`` and ``tokens``. The emulated
+    tokenizer adds no special tokens to a text (as Qwen's adds no BOS), so
+    ``add_special_tokens`` changes nothing, and a reply's text never counts its EOS."""
     try:
         body = await read_json(request)
+        if not isinstance(body.get("add_special_tokens", True), bool):
+            raise BadRequest("add_special_tokens must be a boolean")
         prompt = render_prompt(body, chat="messages" in body, vocabulary=state.vocabulary)
     except BadRequest as exc:
         return error_response(str(exc))

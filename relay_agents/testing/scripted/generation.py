@@ -45,8 +45,10 @@ def generate(
     stop: list[str] | None = None,
     include_stop_str_in_output: bool = False,
     max_tokens: int | None = None,
+    count_eos: bool = False,
 ) -> Generation:
-    """Emit ``text`` token by token (then EOS) under vLLM's stop / max_tokens rules.
+    """Emit ``text`` token by token (then EOS) under vLLM's stop / max_tokens rules;
+    ``count_eos``: the EOS counts in ``completion_tokens``, as vLLM's usage counts it.
 
     Stop strings are searched incrementally: each step only looks at the new token plus the
     previous ``len(longest stop) - 1`` characters, so the work is linear in the output.
@@ -74,7 +76,7 @@ def generate(
         total += len(tok)
     if max_tokens is not None and n >= max_tokens:
         return Generation(pieces, n, "length", None)  # no room left for EOS
-    return Generation(pieces, n, "stop", None)
+    return Generation(pieces, n + int(count_eos), "stop", None)
 
 
 def _truncate(pieces: list[str], total: int, keep: int) -> None:

@@ -127,7 +127,8 @@ class ScriptedServer:
 
     def configure(self, **config: Any) -> dict[str, Any]:
         """Set ``latency_s``, ``ttft_s``, ``token_interval_s``, ``default_response``,
-        ``max_model_len``; returns the full config."""
+        ``max_model_len``, ``strict_models``, ``usage_counts_eos`` (usage counts a reply's EOS
+        token, as vLLM's does); returns the full config."""
         return self._call("POST", "/_scripted/configure", config)["config"]
 
     def context_window(self, model: str, max_model_len: int) -> None:
