@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from relay_agents.eval import (
 )
 from relay_agents.testing import ScriptedServer, tokenize
 from tests.conftest import endpoint, relay_config
+from tests.test_entry_points import CLI, relay_env
 
 # ---------------------------------------------------------------------------- the fixed set
 
@@ -356,3 +360,51 @@ def test_a_published_set_without_a_pinned_revision_is_refused() -> None:
         load_data("gsm8k")
     with pytest.raises(ValueError, match="unknown settings: nope"):
         parse_settings("relay,nope")
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def eval_command(server: ScriptedServer, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    data = write_data(tmp_path / "fixed.jsonl")
+    command = [CLI, "eval", "--data", str(data), "--out", str(tmp_path / "out"), *args]
+    return subprocess.Popen(
+        command, env=relay_env(server, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_the_command_writes_the_outputs_and_refuses_a_changed_setting(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    script(scripted)
+    done = eval_command(scripted, tmp_path, "--settings", "relay,teacher")
+    stdout, stderr = done.communicate(timeout=180)
+    assert done.returncode == 0, stderr
+    assert "relay: accuracy 50.0%" in stdout and "teacher: accuracy 75.0%" in stdout
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "results.jsonl",
+        "summary.json",
+        "report.md",
+        "pareto.png",
+    }
+
+    refused = eval_command(scripted, tmp_path, "--settings", "relay,teacher", "--temperature", "0.5")
+    _, stderr = refused.communicate(timeout=180)
+    assert refused.returncode == 2
+    assert "refusing to mix them" in stderr and "temperature" in stderr
+
+
+def test_ctrl_c_leaves_a_valid_partial_results_file(scripted: ScriptedServer, tmp_path: Path) -> None:
+    script(scripted)
+    scripted.configure(latency_s=0.5)
+    running = eval_command(scripted, tmp_path, "--settings", "teacher", "--concurrency", "1")
+    results = tmp_path / "out" / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while not (results.exists() and results.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=60)
+    assert running.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert 1 <= len(lines) < 4 and all(x["setting"] == "teacher" for x in lines)
