@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,8 +14,9 @@ import typer
 from relay_agents.cli.common import ConfigOption, configured, console, errors, fail, load, tiny_pair
 
 if TYPE_CHECKING:
-    from relay_agents.core.config import RelayConfig
+    from relay_agents.core.config import Endpoint, RelayConfig
     from relay_agents.eval import Dataset, EvalOptions, Progress
+    from relay_agents.serving import TinyPairServers
 
 
 def _progress_bar() -> tuple[contextlib.AbstractContextManager[object], Progress]:
@@ -136,5 +139,29 @@ def eval(
     if configured(config_file):
         _run(load(config_file), datasets, out, options)
         return
-    with tiny_pair() as servers:
-        _run(servers.relay_config(), datasets, out, options)
+    with tiny_pair() as servers, _tiny_student_alone(servers) as solo:
+        _run(servers.relay_config(), datasets, out, dataclasses.replace(options, student_alone=solo))
+
+
+@contextlib.contextmanager
+def _tiny_student_alone(servers: TinyPairServers) -> Iterator[Endpoint | None]:
+    """The tiny world's solo student (trained without relay) served for the ``student`` row, as
+    the RelayLLM paper's table compares the student before relay training; ``None`` for a build
+    without one."""
+    from relay_agents.core.config import Endpoint
+    from relay_agents.serving import VLLMServerError
+    from relay_agents.tiny.servers import solo_server
+
+    if servers.pair.solo_dir is None:
+        yield None
+        return
+    solo = solo_server(servers)
+    try:
+        with errors.status("Starting the solo student's vLLM server (~30 s)"):
+            solo.start()
+    except VLLMServerError as exc:
+        raise fail(str(exc)) from None
+    with solo:
+        yield Endpoint(
+            base_url=solo.base_url, model=solo.model, tokenizer_path=servers.pair.solo_dir, temperature=0.0
+        )
