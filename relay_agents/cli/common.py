@@ -20,7 +20,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from relay_agents.api import RelayResult
     from relay_agents.core.config import RelayConfig
-    from relay_agents.serving import TinyPairServers
+    from relay_agents.tiny.servers import TinyPairServers
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -60,7 +60,8 @@ def configured(config_file: Path | None) -> bool:
 @contextlib.contextmanager
 def tiny_pair() -> Iterator[TinyPairServers]:
     """The tiny student/teacher pair built (or loaded) and served by vLLM on the CPU for the block."""
-    from relay_agents.serving import VLLMServerError, tiny_pair_servers, vllm_available
+    from relay_agents.serving import VLLMServerError, vllm_available
+    from relay_agents.tiny.servers import tiny_pair_servers
 
     if not vllm_available():
         raise fail(
