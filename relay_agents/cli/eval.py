@@ -16,7 +16,7 @@ from relay_agents.cli.common import ConfigOption, configured, console, errors, f
 if TYPE_CHECKING:
     from relay_agents.core.config import Endpoint, RelayConfig
     from relay_agents.eval import Dataset, EvalOptions, Progress
-    from relay_agents.serving import TinyPairServers
+    from relay_agents.tiny.servers import TinyPairServers
 
 
 def _progress_bar() -> tuple[contextlib.AbstractContextManager[object], Progress]:
@@ -83,7 +83,7 @@ def _run(config: RelayConfig, datasets: list[Dataset], out: Path, options: EvalO
     console.print(f"results, summary.json, report.md and pareto.png in {out}")
 
 
-def eval(
+def eval_command(
     data: Annotated[
         list[str],
         typer.Option(

@@ -4,6 +4,7 @@ under one semaphore, graded, and written to the output folder as it finishes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -150,6 +151,8 @@ async def _answer(
         line: dict[str, Any] = {"dataset": dataset, "id": problem.id, "setting": setting, "sample": sample}
         try:
             result = await arelay(problem.prompt, config)
+            latency = time.perf_counter() - started
+            graded = await run.grader.grade(result.text, problem)
         except Exception as exc:  # an item that errors is recorded, and the run goes on
             line |= {
                 "text": "",
@@ -168,8 +171,6 @@ async def _answer(
                 "error": f"{type(exc).__name__}: {exc}",
             }
         else:
-            latency = time.perf_counter() - started
-            graded = await run.grader.grade(result.text, problem)
             kinds = [e.kind for e in result.events]
             line |= {
                 "text": result.text,
@@ -301,7 +302,7 @@ async def run_eval(
     data differ raises :class:`~relay_agents.eval.store.RunMismatch`.
     """
     options = options or EvalOptions()
-    options = EvalOptions(**{**options.__dict__, "settings": parse_settings(options.settings)})
+    options = dataclasses.replace(options, settings=parse_settings(options.settings))
     out = Path(out)
     store = ResultStore(out, pinned_settings(config, options, datasets))
     run = _Run(
