@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from relay_agents.eval.settings import SETTINGS
+from relay_agents.eval.settings import INTERVAL, SETTINGS
 
 
 def _pct(value: float | None) -> str:
@@ -47,7 +47,8 @@ def _detail_table(rows: dict[str, Any]) -> list[str]:
             lines.append(f"| {setting} | skipped: {row['skipped']} |" + " |" * 10)
             continue
         note = f" (p={row['p_teacher']:.3f})" if "p_teacher" in row else ""
-        note += f" (knob {row['knob']:g})" if "knob" in row else ""
+        if "knob" in row:
+            note += f" (every {row['knob']:g} tokens)" if setting == INTERVAL else f" (rate {row['knob']:g})"
         lines.append(
             f"| {setting}{note} | {_pct(row['accuracy'])} | {_pct(row.get('pass_at_k'))} | "
             f"{_pct(row['teacher_share'])} | {row['teacher_calls_per_answer']:.3f} | {row['cost_usd']:.6f} | "
