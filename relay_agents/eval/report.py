@@ -92,8 +92,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"- student temperature {pinned['student']['temperature']}, top_p {pinned['student']['top_p']}; "
         f"teacher temperature {pinned['teacher']['temperature']}, top_p {pinned['teacher']['top_p']}",
         f"- seed {pinned['seed']} (sample k uses seed + k), K = {pinned['samples']}",
-        f"- token caps: answer {pinned['max_answer_tokens']}, per call {pinned['max_call_tokens']}; "
-        f"turn cap {pinned['max_student_turns']}",
+        f"- token caps: answer {pinned['max_answer_tokens']}, "
+        f"per call {pinned['max_call_tokens'] or 'none'}; turn cap {pinned['max_student_turns']}",
         f"- policy: `{json.dumps(pinned['policy'])}`",
         *(
             f"- data {name}: {d['items']} items from {d['source']}, sha256 {d['sha256']}"

@@ -240,7 +240,8 @@ async def _calibrated_knob(
     if key not in found:
         grid, integer = GRIDS[setting]
         dev = [DevProblem(p.prompt, p.answer) for p in problems[: run.options.calibration_items]]
-        build = lambda knob: setting_config(setting, run.config, knob=knob)  # noqa: E731
+        alone = run.options.student_alone
+        build = lambda knob: setting_config(setting, run.config, student_alone=alone, knob=knob)  # noqa: E731
         run.progress.start(f"{dataset.name}: calibrating {setting}", 0)
         _curve, chosen = await calibrate(
             build, grid, target, dev, integer=integer, concurrency=run.options.concurrency
@@ -270,7 +271,7 @@ async def _run_dataset(run: _Run, dataset: Dataset) -> dict[str, Any]:
             rows[setting] = {"skipped": "the relay wrote no teacher tokens: there is no share to match"}
             continue
         knob = await _calibrated_knob(run, dataset, problems, setting, relay["teacher_share"])
-        config = setting_config(setting, run.config, knob=knob)
+        config = setting_config(setting, run.config, student_alone=run.options.student_alone, knob=knob)
         await _batch(run, f"{dataset.name}: {setting}", _jobs(run, dataset, problems, setting, config))
         rows[setting] = setting_metrics(_lines(run, dataset.name, setting, ids)) | {"knob": knob}
     if any(s in wanted for s in (ROUTER_COST, ROUTER_ACCURACY)):

@@ -7,7 +7,9 @@
 * ``teacher``: the teacher alone (it writes the whole answer).
 * ``teacher-free``: the relay with calls blocked in decoding (the published teacher-free row).
 * ``interval``, ``random``: token-level calling policies whose knob (interval, rate) is calibrated
-  to the relay's measured teacher-token share.
+  to the relay's measured teacher-token share, on the student-alone model when there is one
+  (the question they answer: does a student never trained to call, with the teacher at fixed or
+  random points, do as well at the same teacher budget?), else on the relay's student.
 * ``random-router@cost``, ``random-router@accuracy``: a query-level router that sends a random
   fraction of the questions to the teacher alone and the rest to the student alone, at the
   relay's teacher-token share and at the relay's accuracy. Computed from the ``student`` and
@@ -70,8 +72,9 @@ def setting_config(
         return config.model_copy(update={"policy": TeacherFreePolicy()})
     if knob is None:
         raise ValueError(f"{setting} needs its calibrated knob")
+    student = student_alone or config.student
     if setting == INTERVAL:
-        return config.model_copy(update={"policy": IntervalPolicy(every=int(knob))})
+        return config.model_copy(update={"student": student, "policy": IntervalPolicy(every=int(knob))})
     if setting == RANDOM:
-        return config.model_copy(update={"policy": RandomPolicy(rate=knob, seed=0)})
+        return config.model_copy(update={"student": student, "policy": RandomPolicy(rate=knob, seed=0)})
     raise ValueError(f"{setting} sends no requests of its own")
