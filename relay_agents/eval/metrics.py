@@ -49,12 +49,25 @@ def setting_metrics(lines: Sequence[Line]) -> dict[str, Any]:
     }
 
 
+def router_share(student: Mapping[str, Any], teacher: Mapping[str, Any], p: float) -> float:
+    """The expected teacher-token share of a router sending a fraction ``p`` of the questions to
+    the teacher alone: ``p*T / (p*(T+t) + (1-p)*S)``, with ``T``, ``t`` the teacher row's teacher
+    and student tokens and ``S`` all the student row's tokens."""
+    teacher_tokens = p * teacher["teacher_tokens"]
+    total = p * (teacher["teacher_tokens"] + teacher["student_tokens"]) + (1 - p) * (
+        student["student_tokens"] + student["teacher_tokens"]
+    )
+    return teacher_tokens / total if total else 0.0
+
+
+def router_accuracy(student: Mapping[str, Any], teacher: Mapping[str, Any], p: float) -> float:
+    """The expected accuracy of that router: linear in ``p``."""
+    return (1 - p) * student["accuracy"] + p * teacher["accuracy"]
+
+
 class Router:
     """A query-level random router between the student alone and the teacher alone: each
-    question goes to the teacher with probability ``p``. Its expected accuracy is linear in
-    ``p``; its teacher-token share is the teacher's tokens over all tokens,
-    ``p*T / (p*(T+t) + (1-p)*S)`` with ``T``, ``t`` the teacher row's teacher and student tokens
-    and ``S`` the student row's tokens."""
+    question goes to the teacher with probability ``p`` (see :func:`router_share`)."""
 
     def __init__(self, student: Sequence[Line], teacher: Sequence[Line]) -> None:
         self.student = setting_metrics(student)
@@ -63,15 +76,10 @@ class Router:
         self._teacher_items = _per_item(teacher)
 
     def share(self, p: float) -> float:
-        s, t = self.student, self.teacher
-        teacher_tokens = p * t["teacher_tokens"]
-        total = p * (t["teacher_tokens"] + t["student_tokens"]) + (1 - p) * (
-            s["student_tokens"] + s["teacher_tokens"]
-        )
-        return teacher_tokens / total if total else 0.0
+        return router_share(self.student, self.teacher, p)
 
     def accuracy(self, p: float) -> float:
-        return (1 - p) * self.student["accuracy"] + p * self.teacher["accuracy"]
+        return router_accuracy(self.student, self.teacher, p)
 
     def p_at_share(self, share: float) -> float:
         """The teacher fraction whose expected share is ``share`` (solved from :meth:`share`)."""

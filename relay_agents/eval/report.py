@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from relay_agents.eval.settings import INTERVAL, SETTINGS
+from relay_agents.eval.metrics import router_accuracy, router_share
+from relay_agents.eval.settings import INTERVAL, SETTINGS, STUDENT, TEACHER
 
 
 def _pct(value: float | None) -> str:
@@ -110,34 +111,39 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def pareto_plot(summary: dict[str, Any], curves: dict[str, Any], path: Path) -> None:
-    """One point per setting (averaged over data sets) and the random router's curve from the
-    student alone to the teacher alone (averaged the same way)."""
+def pareto_plot(summary: dict[str, Any], path: Path) -> None:
+    """One point per setting (averaged over data sets, named in the legend) and the random
+    router's curve from the student alone to the teacher alone (averaged the same way)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    present = [c for c in curves.values() if c]
-    if present:
-        xs = [sum(c[i]["teacher_share"] for c in present) / len(present) for i in range(len(present[0]))]
-        ys = [sum(c[i]["accuracy"] for c in present) / len(present) for i in range(len(present[0]))]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ends = [
+        (rows[STUDENT], rows[TEACHER])
+        for rows in summary["datasets"].values()
+        if STUDENT in rows and TEACHER in rows
+    ]
+    if ends:
+        ps = [i / 50 for i in range(51)]
+        xs = [sum(router_share(s, t, p) for s, t in ends) / len(ends) for p in ps]
+        ys = [sum(router_accuracy(s, t, p) for s, t in ends) / len(ends) for p in ps]
         ax.plot([100 * x for x in xs], [100 * y for y in ys], "--", color="grey", label="random router")
-        ax.legend(loc="lower right", fontsize=8)
-    for setting, row in summary["settings"].items():
+    markers = "o^sDv<>PX*"
+    for i, (setting, row) in enumerate(summary["settings"].items()):
         if "accuracy" in row and "teacher_share" in row:
             x, y = 100 * row["teacher_share"], 100 * row["accuracy"]
-            ax.scatter([x], [y], zorder=3)
-            ax.annotate(setting, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.scatter([x], [y], marker=markers[i % len(markers)], s=50, zorder=3, label=setting)
     ax.set_xlabel("teacher-token share (%)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_outputs(out: Path, summary: dict[str, Any], curves: dict[str, Any]) -> None:
+def write_outputs(out: Path, summary: dict[str, Any]) -> None:
     (out / "report.md").write_text(report_markdown(summary))
-    pareto_plot(summary, curves, out / "pareto.png")
+    pareto_plot(summary, out / "pareto.png")

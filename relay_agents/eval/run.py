@@ -86,6 +86,14 @@ def _version() -> str:
         return "unknown"
 
 
+def _file_sha256(directory: Path | None, name: str) -> str | None:
+    """The hash of a model directory's file (where its chat template lives): the same model
+    pins the same value wherever it is stored."""
+    if directory is None or not (directory / name).is_file():
+        return None
+    return hashlib.sha256((directory / name).read_bytes()).hexdigest()
+
+
 def _endpoint_pins(endpoint: Endpoint, options: EvalOptions) -> dict[str, Any]:
     template = endpoint.chat_template
     return {
@@ -95,7 +103,7 @@ def _endpoint_pins(endpoint: Endpoint, options: EvalOptions) -> dict[str, Any]:
         "top_p": endpoint.top_p,
         "extra_body": endpoint.extra_body,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "tokenizer_path": str(endpoint.tokenizer_path) if endpoint.tokenizer_path else None,
+        "tokenizer_config_sha256": _file_sha256(endpoint.tokenizer_path, "tokenizer_config.json"),
         "input_price_per_million": endpoint.input_price_per_million,
         "output_price_per_million": endpoint.output_price_per_million,
     }
@@ -281,10 +289,6 @@ async def _run_dataset(run: _Run, dataset: Dataset) -> dict[str, Any]:
             rows[ROUTER_COST] = router.row(router.p_at_share(relay["teacher_share"]), run.options.seed)
         if ROUTER_ACCURACY in wanted:
             rows[ROUTER_ACCURACY] = router.row(router.p_at_accuracy(relay["accuracy"]), run.options.seed)
-        rows["_router_curve"] = [
-            {"p": p / 20, "teacher_share": router.share(p / 20), "accuracy": router.accuracy(p / 20)}
-            for p in range(21)
-        ]
     return rows
 
 
@@ -319,7 +323,6 @@ async def run_eval(
     finally:
         run.grader.close()
         store.close()
-    curves = {name: rows.pop("_router_curve", None) for name, rows in per_dataset.items()}
     settings = {
         s: average([rows[s] for rows in per_dataset.values() if s in rows and "skipped" not in rows[s]])
         for s in options.settings
@@ -340,5 +343,5 @@ async def run_eval(
         },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_outputs(out, summary, curves)
+    write_outputs(out, summary)
     return summary
