@@ -59,8 +59,8 @@ class EvalOptions:
 
 @dataclass
 class Progress:
-    """What the caller shows while a run goes: ``start(total)`` once per batch, ``advance()``
-    per answer."""
+    """What the caller shows while a run goes: ``start(label, total)`` once per batch (total 0:
+    unknown, as while calibrating), ``advance()`` per answer."""
 
     start: Callable[[str, int], None] = lambda _label, _total: None
     advance: Callable[[], None] = lambda: None
