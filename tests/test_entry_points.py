@@ -39,7 +39,7 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-COMMANDS = {"ask", "demo", "serve", "tutor", "calibrate"}
+COMMANDS = {"ask", "demo", "serve", "tutor", "calibrate", "eval"}
 #: What the relay itself imports; the command line loads them only when a command runs.
 HEAVY_MODULES = ("langgraph", "langchain_core", "openai", "fastapi", "uvicorn", "relay_agents.api")
 

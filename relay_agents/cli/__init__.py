@@ -11,6 +11,7 @@ import typer
 from relay_agents.cli.ask import ask
 from relay_agents.cli.calibrate import calibrate
 from relay_agents.cli.demo import demo
+from relay_agents.cli.eval import eval_command
 from relay_agents.cli.serve import serve
 from relay_agents.cli.tutor import tutor
 
@@ -20,5 +21,6 @@ app.command()(demo)
 app.command()(serve)
 app.command()(tutor)
 app.command()(calibrate)
+app.command(name="eval")(eval_command)
 
 __all__ = ["app"]
