@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 import re
 
-import pytest
-
 from relay_agents.tiny import tasks
 
 CALL_RE = re.compile(r"<call>(\d+)</call>")
@@ -54,7 +52,6 @@ def test_student_segments_roles():
 
 
 def test_call_n_equals_tokenizer_count():
-    pytest.importorskip("tokenizers")
     from relay_agents.tiny.tokenizer import (
         IM_END,
         render_chat,
@@ -121,8 +118,6 @@ def _micro_recipe():
 
 def test_build_cache_verifies_and_rebuilds(tmp_path):
     """A micro recipe: cached pair reused; corrupt or foreign dirs are rebuilt, never used."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     import json
 
     from relay_agents.tiny import build
@@ -172,8 +167,6 @@ def test_build_cache_verifies_and_rebuilds(tmp_path):
 def test_a_build_shows_each_models_steps_rate_and_eta(tmp_path, capfd):
     """The training bars, rendered on a terminal console (any file will do); transformers' own
     "Writing model shards" bars stay off."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     import io
 
     from rich.console import Console
@@ -213,7 +206,6 @@ def test_solo_recipe_and_pair_compat():
 
 def test_solo_examples_learn_the_hard_results():
     """The solo student is trained like the teacher: loss on every answer token."""
-    pytest.importorskip("tokenizers")
     from relay_agents.tiny import build
     from relay_agents.tiny.tokenizer import tokenizer_corpus, train_tokenizer
 
@@ -235,7 +227,6 @@ def test_solo_examples_learn_the_hard_results():
 
 def test_tiny_configs_four_settings(tmp_path):
     """The four table settings as relay configs (servers never started: only URLs)."""
-    pytest.importorskip("openai")
     from relay_agents.serving import VLLMServer
     from relay_agents.tiny import build
     from relay_agents.tiny.evaluate import SETTINGS, tiny_configs

@@ -56,7 +56,6 @@ def test_shipping_replaces_the_destination_with_a_verified_copy(tmp_path: Path) 
 def test_the_shipped_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
     """The cheap part of the rebuild check, on every run: a new ``tokenizers`` that trains a
     different vocabulary shows here before the weekly full rebuild."""
-    pytest.importorskip("tokenizers")
     from relay_agents.tiny.tokenizer import save_tokenizer
 
     recipe = build.DEFAULT_RECIPE
@@ -69,8 +68,6 @@ def test_the_shipped_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
 @pytest.mark.tiny_rebuild
 @pytest.mark.skipif(not REBUILD, reason="a full rebuild: set RELAY_TINY_REBUILD=1 (docs/tiny-world.md)")
 def test_a_rebuild_reproduces_the_shipped_files_byte_for_byte(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     rebuilt = build.build_tiny_pair(tmp_path, force=True)
     shipped = json.loads((build.SHIPPED_DIR / build.MANIFEST).read_text())["files"]
     assert json.loads((rebuilt.root / build.MANIFEST).read_text())["files"].keys() == shipped.keys()
