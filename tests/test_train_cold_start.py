@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from relay_agents.train.cold_start import (
     token_offsets,
 )
 from tests.conftest import ROOT, relay_config
+from tests.test_entry_points import CLI, relay_env
 
 STUDENT_DIR = ROOT / "relay_agents" / "tiny" / "weights" / "student"
 COMMAND = re.compile(r"<call>\d+</call>")
@@ -213,3 +215,26 @@ def test_random_inserts_commands_into_the_students_own_answer(
     (request,) = generations(scripted, "student")
     assert request["body"]["logprobs"] == 0 and request["body"]["bad_words"] == ["<call>", "</call>"]
     assert generations(scripted, "teacher") == []
+
+
+def test_the_command_writes_rows_and_refuses_an_unknown_method(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    scripted.script("student", "R-1", [ANSWER])
+    path = data(tmp_path, {"id": "r", "question": "R-1 47*6+8?", "answer": "290"})
+    out = tmp_path / "sft.jsonl"
+    command = [CLI, "train", "cold-start", "--data", str(path), "--out", str(out), "--method", "random"]
+    env = relay_env(scripted, tmp_path)
+    done = subprocess.run(
+        [*command, "--calls", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote 1 rows (random), skipped 0 incorrect answers; 0 done before" in done.stdout
+    (row,) = map(json.loads, out.read_text().splitlines())
+    assert row["calls"] == 2 and "labels" not in row  # no tokenizer configured: no labels
+    bad = subprocess.run([*command, "--method", "guess"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown method 'guess'" in bad.stderr

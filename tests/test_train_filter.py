@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from relay_agents.train.filter import (
     run_filter,
 )
 from tests.conftest import relay_config
+from tests.test_entry_points import CLI, relay_env
 
 
 @pytest.mark.parametrize(
@@ -140,3 +142,20 @@ def test_one_answer_per_request_seeds_each_and_a_failing_problem_is_retried_late
     assert sorted({r["body"]["seed"] for r in sent}) == [10, 11, 12, 13]
     retried = asyncio.run(run_filter(config, data, out, options))
     assert retried.failed == {} and retried.resumed == 2 and retried.kept + retried.dropped == 1
+
+
+def test_the_command_filters_resumes_and_refuses_a_bad_rule(scripted: ScriptedServer, tmp_path: Path) -> None:
+    data = setup(scripted, tmp_path)
+    env = relay_env(scripted, tmp_path)
+    out = tmp_path / "kept.jsonl"
+    command = [CLI, "train", "filter", "--data", str(data), "--out", str(out), "-k", "4"]
+    done = subprocess.run(
+        [*command, "--rule", "max-failures:1/2"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kept 1, dropped 2 (rule max-failures:1/2, k=4); 0 filtered before" in done.stdout
+    assert set(rows(out)) == {"f1"}
+    other = subprocess.run([*command, "--rule", "any"], env=env, capture_output=True, text=True, timeout=180)
+    assert other.returncode == 2 and "use another --out" in other.stderr
+    bad = subprocess.run([*command, "--rule", "most"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown rule 'most'" in bad.stderr
