@@ -17,11 +17,21 @@ from relay_agents.core.types import Message
 
 
 def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[Message]:
-    """Normalise a question, LangChain messages or OpenAI dicts to OpenAI message dicts."""
+    """Normalise a question, LangChain messages or OpenAI dicts to OpenAI message dicts.
+
+    An assistant message's ``tool_call`` content blocks (LangChain's v1 content) are dropped:
+    they repeat its ``tool_calls``, which the chat template renders.
+    """
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
-    converted = convert_to_openai_messages(list(messages))
-    return [dict(m) for m in converted]
+    converted = [dict(m) for m in convert_to_openai_messages(list(messages))]
+    for message in converted:
+        content = message.get("content")
+        if message.get("tool_calls") and isinstance(content, list):
+            message["content"] = [
+                p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")
+            ]
+    return converted
 
 
 def content_text(content: Any, *, joiner: str = "") -> str:
