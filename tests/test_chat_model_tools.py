@@ -14,8 +14,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel
 
-from relay_agents import Budget, ChatRelay
-from relay_agents.core.tools import ToolChoiceUnmet
+from relay_agents import Budget, ChatRelay, ToolChoiceUnmet
 from relay_agents.testing import ScriptedServer
 from tests.conftest import TOOLS_CHATML, relay_config
 

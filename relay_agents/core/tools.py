@@ -356,3 +356,20 @@ def unmet_tool_choice(answer: ParsedAnswer, choice: ToolChoice) -> str | None:
             return None
         return f"tool_choice required a call of {name!r}; the answer called {called or 'no tool'}"
     return None if called else "tool_choice required a tool call; the answer made none"
+
+
+class ToolAnswer:
+    """One answer's tool calls as they are parsed, and the ``tool_choice`` they must satisfy:
+    what ``ChatRelay`` and the server each hold for an answer given tools."""
+
+    def __init__(self, choice: ToolChoice = "auto", parser: ToolParser = "hermes") -> None:
+        self.choice = choice
+        self.stream = ToolCallStream(parser)
+
+    def checked(self) -> ParsedAnswer:
+        """The parsed answer (after ``stream.finish()``); :class:`ToolChoiceUnmet` when it
+        misses a call that ``tool_choice`` requires."""
+        parsed = self.stream.parsed()
+        if (reason := unmet_tool_choice(parsed, self.choice)) is not None:
+            raise ToolChoiceUnmet(f"{reason} (answer: {parsed.content[:200]!r})")
+        return parsed
