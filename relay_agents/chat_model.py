@@ -1,7 +1,7 @@
 """``ChatRelay``: the relay as a LangChain chat model (``BaseChatModel``).
 
 Use it wherever LangChain takes a chat model: ``prompt | ChatRelay(...) | StrOutputParser()``,
-``create_agent(model=ChatRelay(...))`` (without tools), ``init_chat_model``-style code that
+``create_agent(model=ChatRelay(...), tools=[...])``, ``init_chat_model``-style code that
 expects the usual fields (``model``, ``base_url``, ``api_key``, ``temperature``,
 ``max_tokens``, ``timeout``, ``max_retries``, ``stop``, ``streaming``).
 
