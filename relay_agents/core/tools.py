@@ -84,7 +84,8 @@ class ToolCallStream:
         self._head_sent = False  # the open Hermes call's name went out; its args stream
         self._args_sent = 0  # characters of the open call's body already sent as args
         self._index = 0
-        self._after_call = False
+        self._after_call = False  # a call just closed: the white space after it is dropped
+        self._plain = False  # llama3_json: the answer began as text, so it is no call
         self._pieces: list[CallPiece] = []  # every piece, in order (for :meth:`parsed`)
         self._texts: list[str] = []
 
@@ -181,12 +182,14 @@ class ToolCallStream:
         if self.parser == "llama3_json":
             held = self._held + delta
             stripped = held.lstrip()
-            if stripped.startswith(("{", PYTHON_TAG)) and not "".join(self._texts).strip():
+            if self._plain:
+                events.append(delta)
+            elif stripped.startswith(("{", PYTHON_TAG)):
                 self._body, self._held = held, ""  # the answer is a call (or JSON text): wait
-            elif PYTHON_TAG.startswith(stripped) and not "".join(self._texts).strip():
+            elif PYTHON_TAG.startswith(stripped):
                 self._held = held
             else:
-                self._held = ""
+                self._held, self._plain = "", True
                 events.append(held)
             return
         at = self._text(delta, events, MISTRAL_MARKER)
