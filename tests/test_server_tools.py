@@ -140,6 +140,20 @@ async def test_a_malformed_call_whole_and_streamed(scripted: ScriptedServer) -> 
         assert text == "Computing." and arguments == '{"a": 2,, "b": 3}'
         assert last is not None and last.finish_reason == "tool_calls"
         assert last.model_extra["relay"]["invalid_tool_calls"][0]["args"] == arguments
+        # sent back with the tool's error, the malformed call reaches the student as written
+        scripted.script("student", "not JSON", ["Sorry, the call was malformed."])
+        reply = await client.chat.completions.create(
+            model="relay",
+            messages=[
+                *QUESTION,
+                reply.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "Error: the arguments are not JSON"},
+            ],
+            tools=TOOLS,
+        )
+        assert reply.choices[0].message.content == "Sorry, the call was malformed."
+        prompt = [r for r in scripted.requests() if r["model"] == "student"][-1]["prompt"]
+        assert '"arguments": "{\\"a\\": 2,, \\"b\\": 3}"' in prompt  # the raw text, as a JSON string
 
 
 async def test_tool_choice(scripted: ScriptedServer) -> None:

@@ -12,8 +12,11 @@ fields, which the ``openai`` SDK keeps in ``model_extra``.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+from langchain_core.messages import AIMessage
+from langchain_core.messages.tool import invalid_tool_call, tool_call
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
@@ -70,17 +73,37 @@ class ChatMessage(_Request):
             raise ValueError("only assistant messages carry tool_calls")
         return self
 
-    def wire(self) -> dict[str, Any]:
-        """The message as the relay takes it (``developer`` is the newer name of ``system``)."""
+    def wire(self) -> dict[str, Any] | AIMessage:
+        """The message as the relay takes it (``developer`` is the newer name of ``system``).
+
+        An assistant message with calls is built as LangChain's ``AIMessage`` here: arguments
+        that are not a JSON object (a malformed call this server sent, sent back) are kept as an
+        invalid call, where LangChain's conversion of the dict would raise."""
+        if self.tool_calls:
+            calls, invalid = [], []
+            for call in self.tool_calls:
+                args = _json_object(call.function.arguments)
+                if args is None:
+                    raw = call.function.arguments
+                    invalid.append(invalid_tool_call(name=call.function.name, args=raw, id=call.id))
+                else:
+                    calls.append(tool_call(name=call.function.name, args=args, id=call.id))
+            return AIMessage(content=self.content or "", tool_calls=calls, invalid_tool_calls=invalid)
         message: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
             "content": self.content or "",
         }
-        if self.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class FunctionSpec(_Request):
@@ -201,7 +224,7 @@ class ChatCompletionRequest(_Generation):
     def answer_cap(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def wire_messages(self) -> list[dict[str, Any]]:
+    def wire_messages(self) -> list[dict[str, Any] | AIMessage]:
         return [m.wire() for m in self.messages]
 
     def prompt_chars(self) -> int:
