@@ -1,9 +1,11 @@
 """The tutor's conversations: ask, retry, history and the budget meter, for the page and the
 terminal alike.
 
-Messages persist in the tutor graph's SQLite checkpointer (one thread per conversation), the
+Messages persist in the tutor graph's checkpointer (one thread per conversation), the
 conversation list in a table beside it, and the teacher budget in the relay's budget store,
-whose numbers the meter shows. Answers come as a stream of plain events:
+whose numbers the meter shows. With a ``postgresql://`` budget store all three live in that
+database (any host continues any conversation); else in SQLite files on this host. Answers
+come as a stream of plain events:
 
 * ``{"type": "delta", "source": "student" | "teacher", "text": ...}`` as the models write;
 * ``{"type": "budget", "budget": {...}}`` when a teacher span ends (the store's numbers);
@@ -23,15 +25,17 @@ from typing import Any
 
 import openai
 from langchain_core.messages import HumanMessage
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from relay_agents.budgets import (
     BudgetExceeded,
     BudgetStore,
     conversation_key,
     default_store_path,
+    is_postgres_url,
     open_budget_store,
 )
+from relay_agents.checkpoints import open_checkpointer
 from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.graph import (
     DEFAULT_HISTORY_MESSAGES,
@@ -39,7 +43,7 @@ from relay_agents.tutor.graph import (
     build_tutor_graph,
     tutor_config,
 )
-from relay_agents.tutor.index import ConversationIndex
+from relay_agents.tutor.index import Index, open_conversation_index
 from relay_agents.tutor.views import budget_view, history_view, message_view
 
 MAX_MESSAGE_CHARS = 4000
@@ -102,8 +106,8 @@ class Tutor:
     def __init__(
         self,
         config: RelayConfig,
-        saver: AsyncSqliteSaver,
-        index: ConversationIndex,
+        saver: BaseCheckpointSaver,
+        index: Index,
         options: TutorOptions,
         store: BudgetStore,
     ) -> None:
@@ -124,17 +128,16 @@ class Tutor:
     async def open(
         cls, config: RelayConfig, db_path: Path | None = None, options: TutorOptions | None = None
     ) -> AsyncIterator[Tutor]:
-        """The tutor over the SQLite file ``db_path`` (default :func:`default_db_path`)."""
+        """The tutor over the budget store's PostgreSQL database when ``config.budget_store`` is
+        ``postgresql://...``, else over the SQLite file ``db_path`` (default :func:`default_db_path`)."""
         path = db_path or default_db_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         config = tutor_config(config)
-        store = open_budget_store(config.budget_store)
-        index = await ConversationIndex.open(path)
-        try:
-            async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-                yield cls(config, saver, index, options or TutorOptions(), store)
-        finally:
-            await index.close()
+        url = config.budget_store
+        if not is_postgres_url(url):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        store = open_budget_store(url)
+        async with open_conversation_index(url, path) as index, open_checkpointer(url, path) as saver:
+            yield cls(config, saver, index, options or TutorOptions(), store)
 
     # -- reading ----------------------------------------------------------------------------
 
