@@ -200,7 +200,9 @@ def student_plan(answer: AnswerState, config: RelayConfig) -> TurnPlan:
     )
 
 
-def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | None = None) -> Request:
+def student_request(
+    answer: AnswerState, config: RelayConfig, plan: TurnPlan | None = None, affinity: str | None = None
+) -> Request:
     plan = plan or TurnPlan()
     left = answer_tokens_left(answer, config)
     return Request(
@@ -212,6 +214,7 @@ def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | N
         enable_thinking=config.enable_thinking,
         logprobs=plan.logprobs,
         count_with_tokenizer=config.token_count == "tokenizer",
+        affinity=affinity,
     )
 
 

@@ -32,6 +32,9 @@ class Request:
     logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
     #: Also count the reply's text with the endpoint's tokenizer (``Generation.text_tokens``).
     count_with_tokenizer: bool = False
+    #: What keeps the requests of one conversation on one replica of the endpoint (its
+    #: conversation id); ``None``: its opening messages.
+    affinity: str | None = None
 
 
 @dataclass(slots=True)
