@@ -475,7 +475,7 @@ def test_relay_hosts_behind_haproxy_share_budgets_and_conversations_and_survive_
 
     def kill_one(conversations: list[Conversation]) -> None:
         wait_for(
-            lambda: sum(len(c.answers) for c in conversations) >= CONVERSATIONS, "a third of the load", 60
+            lambda: sum(len(c.answers) for c in conversations) >= CONVERSATIONS, "a quarter of the load", 60
         )
         hosts[1].kill()
         killed_at.append(time.monotonic())
@@ -511,7 +511,7 @@ def test_relay_hosts_behind_haproxy_share_budgets_and_conversations_and_survive_
 
     def drain_one(conversations: list[Conversation]) -> None:
         wait_for(
-            lambda: sum(len(c.answers) for c in conversations) >= CONVERSATIONS, "a third of the load", 60
+            lambda: sum(len(c.answers) for c in conversations) >= CONVERSATIONS, "a quarter of the load", 60
         )
         wait_for(lambda: in_flight(lab["host_urls"][2]) > 0, "a stream on h2", 30)
         hosts[2].send_signal(signal.SIGTERM)
