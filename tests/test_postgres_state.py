@@ -1,9 +1,11 @@
 """All state in PostgreSQL: with a ``postgresql://`` budget store, two hosts (each its own
 connections, nothing shared but the database) continue each other's conversations, the
-tutor's and the relay graph's, and spend one budget."""
+tutor's and the relay graph's, spend one budget, and answer a conversation one at a time."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -70,3 +72,52 @@ async def test_the_relay_graph_continues_a_thread_on_another_hosts_checkpointer(
     spent = open_budget_store(postgres_url).spent([conversation_key(thread)])[conversation_key(thread)]
     assert spent.teacher_tokens == first.usage.teacher_tokens == 4
     assert not (tmp_path / "unused.sqlite").exists()
+
+
+async def test_one_answer_at_a_time_per_conversation_across_hosts(
+    scripted: ScriptedServer, postgres_url: str, tmp_path: Path
+) -> None:
+    script_answer(scripted, "Q-slow")
+    scripted.configure(token_interval_s=0.05)
+    config = relay_config(scripted, budget=Budget(max_teacher_tokens=100), budget_store=postgres_url)
+    async with (
+        serving(tutor_app(config, tmp_path / "a")) as host_a,
+        serving(tutor_app(config, tmp_path / "b")) as host_b,
+        httpx.AsyncClient(timeout=20) as client,
+    ):
+        cid = await new_conversation(client, host_a)
+        async with client.stream(
+            "POST", f"{host_a}/api/conversations/{cid}/messages", json={"text": "Q-slow"}
+        ) as first:
+            lines = first.aiter_lines()
+            assert json.loads(await anext(lines))["type"] == "delta"
+            shown = (await client.get(f"{host_b}/api/conversations/{cid}")).json()
+            busy = await client.post(
+                f"{host_b}/api/conversations/{cid}/messages", json={"text": "Q-slow again"}
+            )
+            rest = [json.loads(line) async for line in lines if line.strip()]
+        assert shown["busy"] is True
+        assert busy.status_code == 409 and "still answering" in busy.json()["error"]
+        assert rest[-1]["type"] == "done"
+        after = await read_events(client, f"{host_b}/api/conversations/{cid}/messages", {"text": "Q-slow"})
+    assert after[-1]["type"] == "done"  # the lease ended with the answer
+
+
+async def test_a_tutor_file_from_before_the_lease_opens_and_answers(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    script_answer(scripted, "Q-old")
+    db = tmp_path / "tutor.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE tutor_conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO tutor_conversations VALUES ('old', 'an old one', 1.0, 1.0)")
+    config = relay_config(
+        scripted, budget=Budget(max_teacher_tokens=100), budget_store=str(tmp_path / "b.sqlite")
+    )
+    async with serving(tutor_app(config, tmp_path)) as url, httpx.AsyncClient(timeout=20) as client:
+        listed = (await client.get(f"{url}/api/conversations")).json()["conversations"]
+        events = await read_events(client, f"{url}/api/conversations/old/messages", {"text": "Q-old"})
+    assert [(c["id"], c["title"]) for c in listed] == [("old", "an old one")]
+    assert events[-1]["type"] == "done" and events[-1]["message"]["text"] == ANSWER

@@ -47,6 +47,9 @@ from relay_agents.tutor.index import Index, open_conversation_index
 from relay_agents.tutor.views import budget_view, history_view, message_view
 
 MAX_MESSAGE_CHARS = 4000
+#: An answer holds its conversation for this long and renews the hold every third of it, so a
+#: host that dies mid-answer keeps its conversation busy for at most this long.
+ANSWER_LEASE_S = 30.0
 
 Event = dict[str, Any]
 
@@ -172,13 +175,14 @@ class Tutor:
             **conversation,
             "messages": history_view(state.values.get("messages", [])),
             "pending": bool(state.next),
-            "busy": self.busy(conversation_id),
+            "busy": await self.busy(conversation_id),
             "budget": await self.budget(conversation_id),
         }
 
-    def busy(self, conversation_id: str) -> bool:
+    async def busy(self, conversation_id: str) -> bool:
+        """Whether a process (this one or another host on the same database) is answering."""
         lock = self._locks.get(conversation_id)
-        return lock is not None and lock.locked()
+        return (lock is not None and lock.locked()) or await self.index.answering(conversation_id)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -197,7 +201,7 @@ class Tutor:
     async def prepare(self, conversation_id: str, text: Any | None = None, *, retry: bool = False) -> str:
         """Check a question (or a retry) before it is answered; raises what is wrong."""
         await self._require(conversation_id)
-        if self.busy(conversation_id):
+        if await self.busy(conversation_id):
             raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
         if retry:
             state = await self.graph.aget_state(self._thread(conversation_id))
@@ -219,11 +223,29 @@ class Tutor:
         async for event in self._answer(conversation_id, None):
             yield event
 
+    @contextlib.asynccontextmanager
+    async def _claimed(self, conversation_id: str) -> AsyncIterator[None]:
+        """Hold the conversation in the index for one answer, renewing the lease meanwhile."""
+        if not await self.index.claim(conversation_id, ANSWER_LEASE_S):
+            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ANSWER_LEASE_S / 3)
+                await self.index.renew(conversation_id, ANSWER_LEASE_S)
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await self.index.release(conversation_id)
+
     async def _answer(self, conversation_id: str, inputs: dict[str, Any] | None) -> AsyncIterator[Event]:
         lock = self._locks.setdefault(conversation_id, asyncio.Lock())
         if lock.locked():
             raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
-        async with lock:
+        async with lock, self._claimed(conversation_id):
             last_source: str | None = None
             reply = None
             try:
