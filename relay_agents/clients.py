@@ -1084,6 +1084,8 @@ def affinity_key(request: Request) -> str:
 
 
 def _rendezvous_score(key: str, url: str) -> bytes:
+    """The replica's weight for ``key`` (highest random weight): a sort on a 64-bit blake2b,
+    two lines, where a hashing package (uhashring and the like) would be a dependency for them."""
     return hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest()
 
 

@@ -50,6 +50,7 @@ MAX_MESSAGE_CHARS = 4000
 #: An answer holds its conversation for this long and renews the hold every third of it, so a
 #: host that dies mid-answer keeps its conversation busy for at most this long.
 ANSWER_LEASE_S = 30.0
+BUSY = "This conversation is still answering: wait for the answer to finish."
 
 Event = dict[str, Any]
 
@@ -202,7 +203,7 @@ class Tutor:
         """Check a question (or a retry) before it is answered; raises what is wrong."""
         await self._require(conversation_id)
         if await self.busy(conversation_id):
-            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
+            raise ConversationBusy(BUSY)
         if retry:
             state = await self.graph.aget_state(self._thread(conversation_id))
             if not state.next:
@@ -227,7 +228,7 @@ class Tutor:
     async def _claimed(self, conversation_id: str) -> AsyncIterator[None]:
         """Hold the conversation in the index for one answer, renewing the lease meanwhile."""
         if not await self.index.claim(conversation_id, ANSWER_LEASE_S):
-            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
+            raise ConversationBusy(BUSY)
 
         async def renew() -> None:
             while True:
@@ -244,7 +245,7 @@ class Tutor:
     async def _answer(self, conversation_id: str, inputs: dict[str, Any] | None) -> AsyncIterator[Event]:
         lock = self._locks.setdefault(conversation_id, asyncio.Lock())
         if lock.locked():
-            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
+            raise ConversationBusy(BUSY)
         async with lock, self._claimed(conversation_id):
             last_source: str | None = None
             reply = None
