@@ -1,6 +1,8 @@
 """Both graphs of ``langgraph.json`` on LangGraph's own server (``langgraph dev``, in memory),
 driven through the LangGraph SDK: a thread, a streamed run, a second turn that sees the first,
-against the scripted upstreams."""
+against the scripted upstreams. The server runs in its own virtual environment (made by
+``scripts/langgraph-venv.sh`` when missing), as it would in production: its langgraph-api cannot
+be installed next to the dev extra's schemathesis (their jsonschema-rs ranges do not meet)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +23,20 @@ from relay_agents.testing import ScriptedServer
 from tests.conftest import CHATML, ROOT
 from tests.tutor_support import ANSWER, STUDENT, TEACHER
 
-LANGGRAPH = str(Path(sys.executable).parent / "langgraph")
+
+@pytest.fixture(scope="session")
+def langgraph_executable() -> str:
+    """``langgraph`` of ``.venv-langgraph``, which the script creates on first use (about a
+    minute) and reuses afterwards."""
+    made = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "langgraph-venv.sh")], capture_output=True, text=True, check=False
+    )
+    assert made.returncode == 0, f"scripts/langgraph-venv.sh failed:\n{made.stderr[-3000:]}"
+    return made.stdout.strip()
 
 
 @pytest.fixture
-def langgraph_dev(scripted: ScriptedServer, tmp_path: Path) -> Iterator[str]:
+def langgraph_dev(scripted: ScriptedServer, tmp_path: Path, langgraph_executable: str) -> Iterator[str]:
     """``langgraph dev`` on a free port, serving the repository's langgraph.json (its paths made
     absolute, so the server's own files go to ``tmp_path``, not the repository)."""
     spec = json.loads((ROOT / "langgraph.json").read_text())
@@ -49,7 +59,7 @@ def langgraph_dev(scripted: ScriptedServer, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = (tmp_path / "langgraph-dev.log").open("wb")
     command = [
-        LANGGRAPH,
+        langgraph_executable,
         "dev",
         "--no-browser",
         "--no-reload",
