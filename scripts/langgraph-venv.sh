@@ -13,7 +13,7 @@ step() { printf '==> %s\n' "$*" >&2; }
 made_from=$(sha256sum pyproject.toml)
 if [ "$(cat "$VENV/.complete" 2>/dev/null)" != "$made_from" ]; then
   rm -rf "$VENV"
-  step "creating $VENV with relay-agents[langgraph-server] (langgraph-cli[inmem]; one to two minutes)"
+  step "creating $VENV with relay-agents[langgraph-server] (langgraph-cli[inmem]; a few minutes)"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q -e ".[langgraph-server]" >&2
   echo "$made_from" >"$VENV/.complete"
