@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import logging
 import re
@@ -1113,15 +1114,127 @@ class Sample:
     finish_reason: str | None
 
 
-_CLIENTS: dict[tuple[Source, str], EndpointClient] = {}
+#: Seconds a replica that could not be reached goes to the back of every conversation's order.
+REPLICA_DOWN_S = 10.0
 
 
-def client_for(endpoint: Endpoint, role: Source) -> EndpointClient:
+def affinity_key(request: Request) -> str:
+    """What keeps a conversation on one replica: its id (``Request.affinity``: the relay's
+    conversation id or thread), else its messages up to its first user message, which keep
+    the requests of one answer together (a shared system prompt alone would send every
+    conversation to one replica). Every relay host ranks the replicas alike for one key."""
+    if request.affinity is not None:
+        return f"id:{request.affinity}"
+    opening: list[Any] = []
+    for message in request.messages:
+        opening.append((message.get("role"), message.get("content")))
+        if message.get("role") == "user":
+            break
+    return repr(opening)
+
+
+def _rendezvous_score(key: str, url: str) -> bytes:
+    """The replica's weight for ``key`` (highest random weight): a sort on a 64-bit blake2b,
+    two lines, where a hashing package (uhashring and the like) would be a dependency for them."""
+    return hashlib.blake2b(f"{url}\n{key}".encode(), digest_size=8).digest()
+
+
+class ReplicatedClient:
+    """An endpoint served by several replicas (``Endpoint.replica_urls``), one
+    :class:`EndpointClient` each. A request goes to the replica its conversation ranks first
+    (rendezvous hashing, so adding or losing a replica moves only the conversations that
+    ranked it first); when that one cannot be reached (a connection error after its own
+    retries) the request goes to the next, and the unreachable replica is tried last for
+    :data:`REPLICA_DOWN_S`. A stream that breaks after its first text is not moved: its text
+    has been shown and paid for."""
+
+    def __init__(self, endpoint: Endpoint, role: Source) -> None:
+        self.endpoint = endpoint
+        self.role = role
+        urls = (endpoint.base_url, *endpoint.replica_urls)
+        self.replicas = {
+            url: EndpointClient(endpoint.model_copy(update={"base_url": url, "replica_urls": ()}), role)
+            for url in dict.fromkeys(urls)
+        }
+        self._down_until: dict[str, float] = {}
+
+    def order(self, request: Request | None) -> list[EndpointClient]:
+        """The replicas in the order ``request``'s conversation tries them (``None``: as configured)."""
+        urls = list(self.replicas)
+        if request is not None:
+            key = affinity_key(request)
+            urls.sort(key=lambda url: _rendezvous_score(key, url), reverse=True)
+        now = time.monotonic()
+        urls.sort(key=lambda url: self._down_until.get(url, 0.0) > now)  # stable: up ones first
+        return [self.replicas[url] for url in urls]
+
+    def _failed(self, client: EndpointClient) -> None:
+        self._down_until[client.endpoint.base_url] = time.monotonic() + REPLICA_DOWN_S
+
+    def close(self) -> None:
+        for client in self.replicas.values():
+            client.close()
+
+    async def aclose(self) -> None:
+        for client in self.replicas.values():
+            await client.aclose()
+
+    def generate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation:
+        *first, final = self.order(request)
+        for client in first:
+            try:
+                return client.generate(request, on_text, watch, on_interrupt)
+            except openai.APIConnectionError:
+                self._failed(client)
+        return final.generate(request, on_text, watch, on_interrupt)
+
+    async def agenerate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation:
+        *first, final = self.order(request)
+        for client in first:
+            try:
+                return await client.agenerate(request, on_text, watch, on_interrupt)
+            except openai.APIConnectionError:
+                self._failed(client)
+        return await final.agenerate(request, on_text, watch, on_interrupt)
+
+    def context_tokens(self) -> int | None:
+        return self.order(None)[0].context_tokens()
+
+    async def acontext_tokens(self) -> int | None:
+        return await self.order(None)[0].acontext_tokens()
+
+    def prompt_tokens(self, request: Request) -> int | None:
+        return self.order(request)[0].prompt_tokens(request)
+
+    async def aprompt_tokens(self, request: Request) -> int | None:
+        return await self.order(request)[0].aprompt_tokens(request)
+
+
+#: What talks to an endpoint: one server, or its replicas.
+Client = EndpointClient | ReplicatedClient
+
+_CLIENTS: dict[tuple[Source, str], Client] = {}
+
+
+def client_for(endpoint: Endpoint, role: Source) -> Client:
     """The shared client of an endpoint in a role: every graph on the same endpoint reuses its pool."""
     key = (role, digest(endpoint))
     client = _CLIENTS.get(key)
     if client is None:
-        client = _CLIENTS[key] = EndpointClient(endpoint, role)
+        replicated = bool(endpoint.replica_urls)
+        client = _CLIENTS[key] = (ReplicatedClient if replicated else EndpointClient)(endpoint, role)
     return client
 
 

@@ -41,7 +41,7 @@ from relay_agents.budgets import (
     open_budget_store,
     user_key,
 )
-from relay_agents.clients import STREAM_ERRORS, EndpointClient, client_for
+from relay_agents.clients import STREAM_ERRORS, Client, client_for
 from relay_agents.core.answer import (
     AnswerState,
     Delta,
@@ -290,8 +290,8 @@ class RelayNodes:
 
     def __init__(self, config: RelayConfig, budget_store: BudgetStore | None = None) -> None:
         self.config = config
-        self.student_client: EndpointClient = client_for(config.student, "student")
-        self.teacher_client: EndpointClient = client_for(config.teacher, "teacher")
+        self.student_client: Client = client_for(config.student, "student")
+        self.teacher_client: Client = client_for(config.teacher, "teacher")
         self._budget_store = budget_store
 
     @property
@@ -341,7 +341,9 @@ class RelayNodes:
             live=context.stream_tokens,
             scopes=self._scopes(),
             plan=plan,
-            request=student_request(answer, self.config, plan),
+            request=student_request(
+                answer, self.config, plan, conversation_id(context.conversation_id, get_config())
+            ),
         )
 
     def _after_student(self, step: _StudentStep, gen: Generation) -> AnswerState:

@@ -3,9 +3,14 @@
 # `postgresql` package (installed here when missing).
 #   bash scripts/postgres.sh start   # prints the server's URL on stdout
 #   bash scripts/postgres.sh stop    # stops it and removes its data directory
+# It listens on 127.0.0.1; RELAY_PG_LISTEN=ADDRESS RELAY_PG_TRUST=CIDR adds an address to listen
+# on and a network whose clients it trusts (the multi-host test's network namespaces); the
+# printed URL then names that address.
 set -euo pipefail
 PORT=${RELAY_PG_PORT:-55432}
 DATA=${RELAY_PG_DIR:-/tmp/relay-agents-pg-$PORT}
+LISTEN=${RELAY_PG_LISTEN:-}
+TRUST=${RELAY_PG_TRUST:-}
 
 pg_bin() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
@@ -35,12 +40,15 @@ case "${1:-}" in
       [ "$(id -u)" -eq 0 ] && chown postgres: "$DATA"
       as_owner "$BIN/initdb" -D "$DATA/data" -U "$USER_NAME" --auth=trust -E UTF8 >"$DATA/initdb.log" 2>&1 \
         || { cat "$DATA/initdb.log" >&2; exit 1; }
+      if [ -n "$TRUST" ]; then
+        echo "host all all $TRUST trust" >>"$DATA/data/pg_hba.conf"
+      fi
       as_owner "$BIN/pg_ctl" -D "$DATA/data" -l "$DATA/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DATA -c max_connections=200 -c fsync=off" start >&2 \
+        -o "-c listen_addresses=127.0.0.1${LISTEN:+,$LISTEN} -p $PORT -k $DATA -c max_connections=200 -c fsync=off" start >&2 \
         || { cat "$DATA/server.log" >&2; exit 1; }
       as_owner "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U "$USER_NAME" relay
     fi
-    echo "postgresql://$USER_NAME@127.0.0.1:$PORT/relay"
+    echo "postgresql://$USER_NAME@${LISTEN:-127.0.0.1}:$PORT/relay"
     ;;
   stop)
     BIN=$(pg_bin)

@@ -9,7 +9,12 @@ from relay_agents.budgets.base import (
     user_key,
 )
 from relay_agents.budgets.sqlite import SQLiteBudgetStore
-from relay_agents.budgets.store import close_budget_stores, default_store_path, open_budget_store
+from relay_agents.budgets.store import (
+    close_budget_stores,
+    default_store_path,
+    is_postgres_url,
+    open_budget_store,
+)
 from relay_agents.core.grants import CallQuote, Spend
 
 __all__ = [
@@ -23,6 +28,7 @@ __all__ = [
     "close_budget_stores",
     "conversation_key",
     "default_store_path",
+    "is_postgres_url",
     "open_budget_store",
     "user_key",
 ]

@@ -39,8 +39,13 @@ def open_budget_store(url: str | None = None) -> BudgetStore:
         return store
 
 
+def is_postgres_url(url: str | None) -> bool:
+    """Whether ``url`` names a PostgreSQL database (then every host's state can live there)."""
+    return url is not None and url.startswith(("postgresql://", "postgres://"))
+
+
 def _open(url: str) -> BudgetStore:
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(url):
         from relay_agents.budgets.postgres import PostgresBudgetStore  # the optional postgres extra
 
         return PostgresBudgetStore(url)

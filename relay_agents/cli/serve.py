@@ -80,7 +80,11 @@ def serve(
             f"(student {config.student.model}, teacher {config.teacher.model}; {keys}{processes})"
         )
         listen = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
-        listen |= {"backlog": 2048, "timeout_graceful_shutdown": 5, **uvicorn_options(settings)}
+        listen |= {
+            "backlog": 2048,
+            "timeout_graceful_shutdown": settings.drain_timeout_s,
+            **uvicorn_options(settings),
+        }
         try:
             if settings.workers == 1:
                 uvicorn.run(server_app, **listen)

@@ -207,7 +207,9 @@ def student_plan(answer: AnswerState, config: RelayConfig) -> TurnPlan:
     )
 
 
-def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | None = None) -> Request:
+def student_request(
+    answer: AnswerState, config: RelayConfig, plan: TurnPlan | None = None, affinity: str | None = None
+) -> Request:
     plan = plan or TurnPlan()
     left = answer_tokens_left(answer, config)
     return Request(
@@ -220,6 +222,7 @@ def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | N
         logprobs=plan.logprobs,
         count_with_tokenizer=config.token_count == "tokenizer",
         tools=answer.get("tools"),
+        affinity=affinity,
     )
 
 

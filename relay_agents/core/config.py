@@ -48,6 +48,12 @@ class Endpoint(_Strict):
 
     base_url: str
     model: str
+    replica_urls: tuple[str, ...] = Field(
+        default=(),
+        description="More servers of the same model (vLLM replicas): each conversation's requests go "
+        "to one of base_url and these, chosen by rendezvous hashing of its opening messages (so that "
+        "replica's prefix cache holds it), and to the next in its order while that one is down.",
+    )
     api_key: SecretStr = Field(default=SecretStr("EMPTY"))
     api: Api = "completions"
     chat_template: str | None = Field(
@@ -101,6 +107,17 @@ class Endpoint(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``RELAY_STUDENT_REPLICA_URLS=http://b:8000/v1,http://c:8000/v1`` (a TOML list works too)."""
+        return [url.strip() for url in value.split(",") if url.strip()] if isinstance(value, str) else value
+
+    @field_validator("replica_urls")
+    @classmethod
+    def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(cls._http_url(url) for url in value)
 
     @field_validator("model")
     @classmethod

@@ -34,6 +34,9 @@ class Request:
     count_with_tokenizer: bool = False
     #: Tools the model may call (OpenAI ``tools`` entries), rendered by its chat template.
     tools: list[dict[str, Any]] | None = None
+    #: What keeps the requests of one conversation on one replica of the endpoint (its
+    #: conversation id); ``None``: its opening messages.
+    affinity: str | None = None
 
 
 @dataclass(slots=True)

@@ -67,6 +67,12 @@ class ServerSettings(BaseModel):
     auth_limiter_clients: int = Field(
         default=4096, ge=1, description="Client addresses the failed-authentication limiter remembers."
     )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM the server stops listening at once (a load balancer's health check "
+        "then takes it out) and gives the streams in flight this long to finish; then it cuts them.",
+    )
     log_level: str = "info"
     workers: int = Field(
         default=1,

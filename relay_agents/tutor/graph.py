@@ -23,7 +23,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 
-from relay_agents.clients import EndpointClient, client_for
+from relay_agents.clients import Client, client_for
 from relay_agents.core.answer import EventDict
 from relay_agents.core.config import Budget, RelayConfig
 from relay_agents.core.grants import has_limits
@@ -79,7 +79,7 @@ class _History:
     up to ten with the default history).
     """
 
-    def __init__(self, config: RelayConfig, client: EndpointClient) -> None:
+    def __init__(self, config: RelayConfig, client: Client) -> None:
         self.config = config
         self.client = client
 

@@ -1,9 +1,11 @@
 """The tutor's conversations: ask, retry, history and the budget meter, for the page and the
 terminal alike.
 
-Messages persist in the tutor graph's SQLite checkpointer (one thread per conversation), the
+Messages persist in the tutor graph's checkpointer (one thread per conversation), the
 conversation list in a table beside it, and the teacher budget in the relay's budget store,
-whose numbers the meter shows. Answers come as a stream of plain events:
+whose numbers the meter shows. With a ``postgresql://`` budget store all three live in that
+database (any host continues any conversation); else in SQLite files on this host. Answers
+come as a stream of plain events:
 
 * ``{"type": "delta", "source": "student" | "teacher", "text": ...}`` as the models write;
 * ``{"type": "budget", "budget": {...}}`` when a teacher span ends (the store's numbers);
@@ -23,15 +25,17 @@ from typing import Any
 
 import openai
 from langchain_core.messages import HumanMessage
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from relay_agents.budgets import (
     BudgetExceeded,
     BudgetStore,
     conversation_key,
     default_store_path,
+    is_postgres_url,
     open_budget_store,
 )
+from relay_agents.checkpoints import open_checkpointer
 from relay_agents.core.config import RelayConfig
 from relay_agents.tutor.graph import (
     DEFAULT_HISTORY_MESSAGES,
@@ -39,10 +43,14 @@ from relay_agents.tutor.graph import (
     build_tutor_graph,
     tutor_config,
 )
-from relay_agents.tutor.index import ConversationIndex
+from relay_agents.tutor.index import Index, open_conversation_index
 from relay_agents.tutor.views import budget_view, history_view, message_view
 
 MAX_MESSAGE_CHARS = 4000
+#: An answer holds its conversation for this long and renews the hold every third of it, so a
+#: host that dies mid-answer keeps its conversation busy for at most this long.
+ANSWER_LEASE_S = 30.0
+BUSY = "This conversation is still answering: wait for the answer to finish."
 
 Event = dict[str, Any]
 
@@ -102,8 +110,8 @@ class Tutor:
     def __init__(
         self,
         config: RelayConfig,
-        saver: AsyncSqliteSaver,
-        index: ConversationIndex,
+        saver: BaseCheckpointSaver,
+        index: Index,
         options: TutorOptions,
         store: BudgetStore,
     ) -> None:
@@ -124,17 +132,16 @@ class Tutor:
     async def open(
         cls, config: RelayConfig, db_path: Path | None = None, options: TutorOptions | None = None
     ) -> AsyncIterator[Tutor]:
-        """The tutor over the SQLite file ``db_path`` (default :func:`default_db_path`)."""
+        """The tutor over the budget store's PostgreSQL database when ``config.budget_store`` is
+        ``postgresql://...``, else over the SQLite file ``db_path`` (default :func:`default_db_path`)."""
         path = db_path or default_db_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         config = tutor_config(config)
-        store = open_budget_store(config.budget_store)
-        index = await ConversationIndex.open(path)
-        try:
-            async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
-                yield cls(config, saver, index, options or TutorOptions(), store)
-        finally:
-            await index.close()
+        url = config.budget_store
+        if not is_postgres_url(url):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        store = open_budget_store(url)
+        async with open_conversation_index(url, path) as index, open_checkpointer(url, path) as saver:
+            yield cls(config, saver, index, options or TutorOptions(), store)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -169,13 +176,14 @@ class Tutor:
             **conversation,
             "messages": history_view(state.values.get("messages", [])),
             "pending": bool(state.next),
-            "busy": self.busy(conversation_id),
+            "busy": await self.busy(conversation_id),
             "budget": await self.budget(conversation_id),
         }
 
-    def busy(self, conversation_id: str) -> bool:
+    async def busy(self, conversation_id: str) -> bool:
+        """Whether a process (this one or another host on the same database) is answering."""
         lock = self._locks.get(conversation_id)
-        return lock is not None and lock.locked()
+        return (lock is not None and lock.locked()) or await self.index.answering(conversation_id)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -194,8 +202,8 @@ class Tutor:
     async def prepare(self, conversation_id: str, text: Any | None = None, *, retry: bool = False) -> str:
         """Check a question (or a retry) before it is answered; raises what is wrong."""
         await self._require(conversation_id)
-        if self.busy(conversation_id):
-            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
+        if await self.busy(conversation_id):
+            raise ConversationBusy(BUSY)
         if retry:
             state = await self.graph.aget_state(self._thread(conversation_id))
             if not state.next:
@@ -216,11 +224,29 @@ class Tutor:
         async for event in self._answer(conversation_id, None):
             yield event
 
+    @contextlib.asynccontextmanager
+    async def _claimed(self, conversation_id: str) -> AsyncIterator[None]:
+        """Hold the conversation in the index for one answer, renewing the lease meanwhile."""
+        if not await self.index.claim(conversation_id, ANSWER_LEASE_S):
+            raise ConversationBusy(BUSY)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ANSWER_LEASE_S / 3)
+                await self.index.renew(conversation_id, ANSWER_LEASE_S)
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await self.index.release(conversation_id)
+
     async def _answer(self, conversation_id: str, inputs: dict[str, Any] | None) -> AsyncIterator[Event]:
         lock = self._locks.setdefault(conversation_id, asyncio.Lock())
         if lock.locked():
-            raise ConversationBusy("This conversation is still answering: wait for the answer to finish.")
-        async with lock:
+            raise ConversationBusy(BUSY)
+        async with lock, self._claimed(conversation_id):
             last_source: str | None = None
             reply = None
             try:
