@@ -412,6 +412,19 @@ def test_published_sets_load_from_local_files_in_the_hubs_format(tmp_path: Path)
         json.dumps({"problem": "Half?", "answer": "\\frac12", "unique_id": "test/x.json"}) + "\n"
     )
     assert load_published("math500", data_files=math500).problems[0].id == "test/x.json"
+    # BIG-Bench Hard: one task by name (bbh/TASK), its input and target columns, from Parquet
+    import datasets
+
+    bbh = tmp_path / "bbh.parquet"
+    datasets.Dataset.from_list([{"input": "not ( True ) and ( True ) is", "target": "False"}]).to_parquet(bbh)
+    loaded = load_published("bbh/boolean_expressions", data_files=bbh)
+    assert (loaded.name, loaded.problems) == (
+        "bbh/boolean_expressions",
+        (Problem("0", "not ( True ) and ( True ) is", "False"),),
+    )
+    assert loaded.source == str(bbh) and len(loaded.sha256) == 64
+    with pytest.raises(DataError, match="unknown data set 'nope'"):
+        load_published("nope", data_files=gsm8k)
 
 
 def test_a_published_set_without_a_pinned_revision_is_refused() -> None:
