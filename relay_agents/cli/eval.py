@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -115,6 +116,30 @@ def eval_command(
     calibration_items: Annotated[
         int, typer.Option(min=1, help="Items on which interval and random are matched to the relay's share.")
     ] = 50,
+    student_alone_url: Annotated[
+        str | None,
+        typer.Option(
+            help="API root of a separate model for the student row (and interval, random): e.g. the "
+            "student before relay training. Its other settings are the student's."
+        ),
+    ] = None,
+    student_alone_model: Annotated[
+        str | None, typer.Option(help="The separate student's model id (with --student-alone-url).")
+    ] = None,
+    student_alone_tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Its local model folder (tokenizer_config.json's chat template); default: the server's."
+        ),
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            help="API root of a chat model that re-checks the answers the rules graded wrong "
+            "(reported in its own column, never in the accuracy); key in RELAY_JUDGE_API_KEY."
+        ),
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="The judge's model id (with --judge-url).")] = None,
 ) -> None:
     """Measure the relay against its baselines on a data set, with every setting pinned.
 
@@ -123,6 +148,9 @@ def eval_command(
     """
     from relay_agents.eval import SETTINGS, DataError, EvalOptions, load_data, parse_settings
 
+    judge = _endpoint(
+        "judge", judge_url, judge_model, api="chat", api_key=os.environ.get(JUDGE_KEY_VAR, "EMPTY")
+    )
     try:
         options = EvalOptions(
             settings=parse_settings(settings or SETTINGS),
@@ -132,15 +160,53 @@ def eval_command(
             limit=limit,
             concurrency=concurrency,
             calibration_items=calibration_items,
+            judge=judge,
         )
         datasets = [load_data(spec, size=size, seed=seed) for spec in data]
     except (DataError, ValueError) as exc:
         raise fail(str(exc), 2) from None
+    alone = {"model": student_alone_model, "tokenizer_path": student_alone_tokenizer}
     if configured(config_file):
-        _run(load(config_file), datasets, out, options)
+        config = load(config_file)
+        solo = _endpoint("student-alone", student_alone_url, **alone, like=config.student)
+        _run(config, datasets, out, dataclasses.replace(options, student_alone=solo))
         return
-    with tiny_pair() as servers, _tiny_student_alone(servers) as solo:
-        _run(servers.relay_config(), datasets, out, dataclasses.replace(options, student_alone=solo))
+    with tiny_pair() as servers:
+        config = servers.relay_config()
+        solo = _endpoint("student-alone", student_alone_url, **alone, like=config.student)
+        if solo is not None:
+            _run(config, datasets, out, dataclasses.replace(options, student_alone=solo))
+            return
+        with _tiny_student_alone(servers) as served:
+            _run(config, datasets, out, dataclasses.replace(options, student_alone=served))
+
+
+#: The judge's API key (never a command-line argument: those show in process lists).
+JUDGE_KEY_VAR = "RELAY_JUDGE_API_KEY"
+
+
+def _endpoint(
+    option: str, url: str | None, model: str | None, *, like: Endpoint | None = None, **settings: Any
+) -> Endpoint | None:
+    """The endpoint ``--OPTION-url`` and ``--OPTION-model`` name (``None`` without them), with the
+    other settings of ``like`` (a model's own ones, its template and context, are not copied) or
+    else the defaults."""
+    from pydantic import ValidationError
+
+    from relay_agents.core.config import Endpoint
+
+    if url is None and model is None:
+        return None
+    if url is None or model is None:
+        raise fail(f"--{option}-url and --{option}-model go together", 2)
+    given = {"base_url": url, "model": model} | settings
+    if like is not None:
+        own = {"chat_template": None, "tokenizer_path": None, "context_tokens": None}
+        return like.model_copy(update=own | given)
+    try:
+        return Endpoint.model_validate(given)
+    except ValidationError as exc:
+        raise fail(f"--{option}-url/--{option}-model: {exc}", 2) from None
 
 
 @contextlib.contextmanager

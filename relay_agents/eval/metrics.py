@@ -23,7 +23,8 @@ def _quantile(values: Sequence[float], q: float) -> float | None:
 def setting_metrics(lines: Sequence[Line]) -> dict[str, Any]:
     """Accuracy (mean over every item and sample), pass@K (an item counts when any of its K
     samples is correct), the teacher's share of the answer tokens (pooled), teacher calls per
-    answer, cost, latency percentiles, malformed commands and teacher failures."""
+    answer, cost, latency percentiles, malformed commands and teacher failures; with a judge, the
+    failures it accepted and the accuracy they would make (``accuracy`` stays the rules')."""
     by_item: dict[str, list[bool]] = defaultdict(list)
     for line in lines:
         by_item[line["id"]].append(bool(line["correct"]))
@@ -31,7 +32,7 @@ def setting_metrics(lines: Sequence[Line]) -> dict[str, Any]:
     teacher = sum(line["teacher_tokens"] for line in lines)
     n = len(lines)
     latencies = [line["latency_s"] for line in lines if line["error"] is None]
-    return {
+    row = {
         "n": n,
         "items": len(by_item),
         "accuracy": sum(line["correct"] for line in lines) / n if n else 0.0,
@@ -46,6 +47,19 @@ def setting_metrics(lines: Sequence[Line]) -> dict[str, Any]:
         "malformed_commands": sum(line["malformed"] for line in lines),
         "teacher_failures": sum(line["teacher_failures"] for line in lines),
         "errors": sum(line["error"] is not None for line in lines),
+    }
+    return (row | _rechecked(lines)) if any("recheck" in line for line in lines) else row
+
+
+def _rechecked(lines: Sequence[Line]) -> dict[str, Any]:
+    """The judge's column: failures it accepted, failures it could not decide (an unclear reply,
+    a failed request, or an answer that errored), and accuracy counting the accepted ones."""
+    failed = [line for line in lines if not line["correct"]]
+    accepted = sum(line.get("recheck") is True for line in failed)
+    return {
+        "recheck_accepted": accepted,
+        "recheck_undecided": sum(line.get("recheck") is None for line in failed),
+        "accuracy_rechecked": (len(lines) - len(failed) + accepted) / len(lines),
     }
 
 
@@ -146,6 +160,7 @@ AVERAGED = (
     "cost_usd",
     "latency_p50_s",
     "latency_p99_s",
+    "accuracy_rechecked",
 )
 
 
@@ -156,7 +171,14 @@ def average(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[key] = sum(values) / len(values)
-    for key in ("n", "malformed_commands", "teacher_failures", "errors"):
+    for key in (
+        "n",
+        "malformed_commands",
+        "teacher_failures",
+        "errors",
+        "recheck_accepted",
+        "recheck_undecided",
+    ):
         if any(key in r for r in rows):
             out[key] = sum(r.get(key, 0) for r in rows)
     return out

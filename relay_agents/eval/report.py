@@ -19,33 +19,41 @@ def _seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _judged(summary: dict[str, Any]) -> bool:
+    return summary["pinned"].get("judge") is not None
+
+
 def _accuracy_table(summary: dict[str, Any]) -> list[str]:
     """Rows: settings; columns: each data set's accuracy (%), their average, and the average
-    teacher-token share (%), as the RelayLLM paper lays out its main table."""
+    teacher-token share (%), as the RelayLLM paper lays out its main table; with a judge, the
+    re-checked average in a column of its own."""
     names = list(summary["datasets"])
-    header = ["Setting", *names, "Avg.", "Teacher tokens %"]
+    judged = _judged(summary)
+    header = ["Setting", *names, "Avg.", "Teacher tokens %", *(["Re-checked avg."] if judged else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, row in summary["settings"].items():
         cells = [_pct(summary["datasets"][n].get(setting, {}).get("accuracy")) for n in names]
+        recheck = f" {_pct(row.get('accuracy_rechecked'))} |" if judged else ""
         lines.append(
             f"| {setting} | " + " | ".join(cells) + f" | {_pct(row.get('accuracy'))} | "
-            f"{_pct(row.get('teacher_share'))} |"
+            f"{_pct(row.get('teacher_share'))} |" + recheck
         )
     return lines
 
 
-def _detail_table(rows: dict[str, Any]) -> list[str]:
+def _detail_table(rows: dict[str, Any], judged: bool) -> list[str]:
     header = (
         "| Setting | Accuracy % | pass@K % | Teacher tokens % | Calls/answer | Cost USD | p50 s | p99 s "
         "| Malformed | Teacher failures | Errors | Answers |"
+        + (" Re-checked % | Accepted by the judge | Undecided |" if judged else "")
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * (15 if judged else 12)]
     for setting in SETTINGS:
         row = rows.get(setting)
         if row is None:
             continue
         if "skipped" in row:
-            lines.append(f"| {setting} | skipped: {row['skipped']} |" + " |" * 10)
+            lines.append(f"| {setting} | skipped: {row['skipped']} |" + " |" * (13 if judged else 10))
             continue
         note = f" (p={row['p_teacher']:.3f})" if "p_teacher" in row else ""
         if "knob" in row:
@@ -56,6 +64,12 @@ def _detail_table(rows: dict[str, Any]) -> list[str]:
             f"{_seconds(row.get('latency_p50_s'))} | {_seconds(row.get('latency_p99_s'))} | "
             f"{row.get('malformed_commands', '–')} | {row.get('teacher_failures', '–')} | "
             f"{row.get('errors', '–')} | {row['n']} |"
+            + (
+                f" {_pct(row.get('accuracy_rechecked'))} | {row.get('recheck_accepted', '–')} | "
+                f"{row.get('recheck_undecided', '–')} |"
+                if judged
+                else ""
+            )
         )
     for setting in SETTINGS:
         draw = rows.get(setting, {}).get("draw")
@@ -73,7 +87,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     throughput = summary["throughput"]
     parts = ["# Evaluation report", "", "Accuracy in %, by data set:", "", *_accuracy_table(summary)]
     for name, rows in summary["datasets"].items():
-        parts += ["", f"## {name}", "", *_detail_table(rows)]
+        parts += ["", f"## {name}", "", *_detail_table(rows, _judged(summary))]
     rate = throughput["answers_per_s"]
     parts += [
         "",
@@ -96,6 +110,12 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"- token caps: answer {pinned['max_answer_tokens']}, "
         f"per call {pinned['max_call_tokens'] or 'none'}; turn cap {pinned['max_student_turns']}",
         f"- policy: `{json.dumps(pinned['policy'])}`",
+        (
+            f"- re-check of the failures by {pinned['judge']['model']} (its own column; the accuracy "
+            "is the rules')"
+            if pinned.get("judge")
+            else "- no re-check of the failures by a judge model"
+        ),
         *(
             f"- data {name}: {d['items']} items from {d['source']}, sha256 {d['sha256']}"
             for name, d in pinned["data"].items()

@@ -19,6 +19,7 @@ from relay_agents.calibrate import DevProblem, calibrate
 from relay_agents.core.config import Endpoint, RelayConfig
 from relay_agents.eval.data import Dataset, Problem
 from relay_agents.eval.grading import Grader
+from relay_agents.eval.judge import JUDGE_PROMPT, Judge
 from relay_agents.eval.metrics import Router, average, setting_metrics
 from relay_agents.eval.report import write_outputs
 from relay_agents.eval.settings import (
@@ -54,6 +55,9 @@ class EvalOptions:
     """Items (the first of each data set) on which interval and random are calibrated."""
     student_alone: Endpoint | None = None
     """The model of the ``student`` row when it is not the relay's student (see settings)."""
+    judge: Endpoint | None = None
+    """A chat model that re-checks the answers the rules graded wrong (its own column, never
+    the score; see :mod:`relay_agents.eval.judge`)."""
     grade_workers: int = 2
 
 
@@ -74,6 +78,7 @@ class _Run:
     grader: Grader
     progress: Progress
     semaphore: asyncio.Semaphore
+    judge: Judge | None = None
     answered: int = 0
     wall_s: float = 0.0
     calibrated: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +114,16 @@ def _endpoint_pins(endpoint: Endpoint, options: EvalOptions) -> dict[str, Any]:
     }
 
 
+def _judge_pins(judge: Endpoint) -> dict[str, Any]:
+    return {
+        "model": judge.model,
+        "temperature": judge.temperature or 0.0,
+        "seed": judge.seed,
+        "extra_body": judge.extra_body,
+        "prompt_sha256": hashlib.sha256(JUDGE_PROMPT.encode()).hexdigest(),
+    }
+
+
 def pinned_settings(config: RelayConfig, options: EvalOptions, datasets: Sequence[Dataset]) -> dict[str, Any]:
     """Everything the results depend on, printed in the report and compared on a rerun (the
     servers' addresses are not: the same models may be served elsewhere)."""
@@ -117,6 +132,7 @@ def pinned_settings(config: RelayConfig, options: EvalOptions, datasets: Sequenc
         "student": _endpoint_pins(config.student, options),
         "teacher": _endpoint_pins(config.teacher, options),
         "student_alone": _endpoint_pins(options.student_alone, options) if options.student_alone else None,
+        "judge": _judge_pins(options.judge) if options.judge else None,
         "policy": config.policy.model_dump(),
         "enable_thinking": config.enable_thinking,
         "chat_template_kwargs": {"enable_thinking": config.enable_thinking},
@@ -161,6 +177,9 @@ async def _answer(
             result = await arelay(problem.prompt, config)
             latency = time.perf_counter() - started
             graded = await run.grader.grade(result.text, problem)
+            recheck = (
+                await run.judge.recheck(problem, result.text) if run.judge and not graded.correct else None
+            )
         except Exception as exc:  # an item that errors is recorded, and the run goes on
             line |= {
                 "text": "",
@@ -196,6 +215,12 @@ async def _answer(
                 "teacher_model": result.teacher_model,
                 "error": None,
             }
+            if run.judge is not None:
+                line |= {
+                    "recheck": recheck.accepted if recheck else None,
+                    "recheck_reply": recheck.reply if recheck else None,
+                    "recheck_error": recheck.error if recheck else None,
+                }
     run.store.add(line)
     run.answered += 1
     run.progress.advance()
@@ -317,12 +342,15 @@ async def run_eval(
         grader=Grader(options.grade_workers),
         progress=progress or Progress(),
         semaphore=asyncio.Semaphore(options.concurrency),
+        judge=Judge(options.judge) if options.judge else None,
     )
     try:
         per_dataset = {d.name: await _run_dataset(run, d) for d in datasets}
     finally:
         run.grader.close()
         store.close()
+        if run.judge is not None:
+            await run.judge.aclose()
     settings = {
         s: average([rows[s] for rows in per_dataset.values() if s in rows and "skipped" not in rows[s]])
         for s in options.settings
