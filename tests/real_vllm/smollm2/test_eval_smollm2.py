@@ -9,7 +9,7 @@ log-probabilities and free-form answers; it says nothing about what a stronger t
 The rows are the relay, the student and the teacher alone, teacher-free and the random routers
 (computed from the other rows): ``interval`` and ``random`` are left out because calibrating
 them answers every calibration item once per grid point (6 each), more than the rest together
-on a 2-core CPU. ``RELAY_SMOLLM2_EVAL_SIZE`` problems (default 3, for CI);
+on a 2-core CPU. ``RELAY_SMOLLM2_EVAL_SIZE`` problems (default 2, for CI);
 ``RELAY_EVAL_REPORT_DIR`` keeps the report, summary and plot (the ones in
 docs/evaluation/smollm2 came from this test with 16).
 """
@@ -28,7 +28,7 @@ from tests.test_entry_points import CLI
 
 pytestmark = pytest.mark.real_vllm
 
-SIZE = int(os.environ.get("RELAY_SMOLLM2_EVAL_SIZE", "3"))
+SIZE = int(os.environ.get("RELAY_SMOLLM2_EVAL_SIZE", "2"))
 SETTINGS = "relay,student,teacher,teacher-free,random-router@cost,random-router@accuracy"
 CONFIG = """\
 max_answer_tokens = 128
