@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -1016,13 +1016,18 @@ class EndpointClient:
             explain_failure(gen.error, self.endpoint, self.role, None)
         return gen
 
-    async def _agenerate(
-        self, request: Request, on_text: OnText | None, collector: _Collector, deadline: Deadline
-    ) -> Generation:
+    async def _aprepared(self, request: Request) -> tuple[str, dict[str, Any], int | None]:
+        """(API, JSON body, context room) of ``request``: its prompt rendered, its max_tokens
+        cut to the context (room 0: no request can be sent)."""
         prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
         call_ids = await self.acall_token_ids() if self._needs_call_ids(request) else None
         api, body = self._body(request, prefix, call_ids)
-        room = await self._afit(body, request.max_tokens)
+        return api, body, await self._afit(body, request.max_tokens)
+
+    async def _agenerate(
+        self, request: Request, on_text: OnText | None, collector: _Collector, deadline: Deadline
+    ) -> Generation:
+        api, body, room = await self._aprepared(request)
         if room == 0:
             return _no_room()
         collector.fit(body[self.endpoint.max_tokens_param], room)
@@ -1061,6 +1066,131 @@ class EndpointClient:
         finally:
             await opened.__aexit__(None, None, None)
         return collector.result()
+
+    # -- many requests in one --------------------------------------------------------------
+
+    async def agenerate_batch(
+        self,
+        requests: Sequence[Request],
+        watches: Sequence[Watch | None],
+        done: Sequence[asyncio.Future[Generation]],
+    ) -> None:
+        """Whole replies to ``requests``, each set on its future in ``done`` as soon as it is
+        complete (an error is set as the future's exception).
+
+        On the completions API the requests whose bodies differ only in their prompt go out as
+        ONE streamed request with a list of prompts (vLLM runs them in the same engine steps
+        and sends each choice's chunks under its index); the stream is read only to learn when
+        each choice ends, and ``stream_options.continuous_usage_stats`` gives each choice's own
+        token counts (the final usage is the sum). Each reply is the same as
+        :meth:`agenerate`'s whole reply: the same collector checks it and cuts it at its
+        ``max_tokens``. A chat API cannot take a list: each request goes alone, all at once.
+        """
+        if self.endpoint.api != "completions":
+            await asyncio.gather(
+                *(
+                    _settled(future, self.agenerate(request, None, watch))
+                    for request, watch, future in zip(requests, watches, done, strict=True)
+                )
+            )
+            return
+        groups: dict[str, list[tuple[dict[str, Any], _Collector, asyncio.Future[Generation]]]] = {}
+        prepared = await asyncio.gather(
+            *(self._aprepared(request) for request in requests), return_exceptions=True
+        )
+        for request, watch, future, ready in zip(requests, watches, done, prepared, strict=True):
+            if isinstance(ready, BaseException):
+                future.set_exception(await self._explained(ready))
+                continue
+            _, body, room = ready
+            if room == 0:
+                future.set_result(_no_room())
+                continue
+            collector = self._collector(request, watch)
+            collector.fit(body[self.endpoint.max_tokens_param], room)
+            key = json.dumps({k: v for k, v in body.items() if k != "prompt"}, sort_keys=True)
+            groups.setdefault(key, []).append((body, collector, future))
+        await asyncio.gather(*(self._astream_group(group, requests[0]) for group in groups.values()))
+
+    async def _astream_group(
+        self, group: list[tuple[dict[str, Any], _Collector, asyncio.Future[Generation]]], request: Request
+    ) -> None:
+        """One streamed completions request for ``group``'s prompts (see :meth:`agenerate_batch`)."""
+        body = {
+            **group[0][0],
+            "prompt": [item[0]["prompt"] for item in group],
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        url, transport = self._url("completions"), self.transport
+        deadline = Deadline(self.endpoint.call_deadline_s)
+        counts: list[asyncio.Task[None]] = []
+        left = len(group)
+        try:
+            async with asyncio.timeout(deadline.left()):
+                async for attempt in AsyncRetrying(**self._retry_args(deadline)):
+                    with attempt:
+                        opened = transport.post(url, body)
+                        response = await opened.__aenter__()
+                try:
+                    async for line in transport.lines(response, url):
+                        if not line.startswith("data:") or line.startswith("data: [DONE]"):
+                            continue
+                        chunk = json.loads(line[5:])
+                        for choice in chunk.get("choices") or ():
+                            _, collector, future = group[choice["index"]]
+                            collector.add({"choices": [choice], "usage": chunk.get("usage")})
+                            if choice.get("finish_reason") is not None and not future.done():
+                                left -= 1
+                                gen = collector.result()
+                                if request.count_with_tokenizer:
+                                    counts.append(asyncio.create_task(self._acounted(gen, future)))
+                                else:
+                                    future.set_result(gen)
+                        if not left:
+                            break
+                finally:
+                    await opened.__aexit__(None, None, None)
+            if left:
+                raise StreamError("the stream ended before the reply to every prompt had ended")
+        except TimeoutError:
+            expired = DeadlineExceeded(self.endpoint.base_url, self.endpoint.call_deadline_s)
+            for _, collector, future in group:
+                if future.done():
+                    continue
+                if collector.parts:
+                    future.set_result(collector.result(error=expired))
+                else:
+                    future.set_exception(expired)
+        except (*STREAM_ERRORS, LookupError, TypeError) as exc:
+            error = exc if isinstance(exc, STREAM_ERRORS) else StreamError(f"malformed reply: {exc!r}")
+            error = await self._explained(error)
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+        await asyncio.gather(*counts)
+
+    async def _acounted(self, gen: Generation, future: asyncio.Future[Generation]) -> None:
+        """Set ``gen`` on ``future`` once its text is re-encoded (``token_count = "tokenizer"``)."""
+        try:
+            gen.text_tokens = await self.acount_tokens(gen.text)
+        except TokenCountError as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(gen)
+
+    async def _explained(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, STREAM_ERRORS):
+            served = await self._aserved() if model_missing(exc) else None
+            explain_failure(exc, self.endpoint, self.role, served)
+        return exc
+
+
+async def _settled(future: asyncio.Future[Generation], generation: Awaitable[Generation]) -> None:
+    """Set ``future`` to what ``generation`` returns or raises."""
+    try:
+        future.set_result(await generation)
+    except Exception as exc:  # handed to the answer that asked, as its own call would raise it
+        future.set_exception(exc)
 
 
 _CLIENTS: dict[tuple[Source, str], EndpointClient] = {}

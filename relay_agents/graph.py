@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, Generic, TypedDict, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypedDict, TypeVar
 
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -41,7 +41,7 @@ from relay_agents.budgets import (
     open_budget_store,
     user_key,
 )
-from relay_agents.clients import STREAM_ERRORS, EndpointClient, client_for
+from relay_agents.clients import STREAM_ERRORS, OnInterrupt, OnText, Watch, client_for
 from relay_agents.core.answer import (
     AnswerState,
     Delta,
@@ -279,6 +279,37 @@ class _TeacherStep:
         return self.call.on_text if self.live else None
 
 
+class ModelClient(Protocol):
+    """What the nodes ask of a model: :class:`relay_agents.clients.EndpointClient`, or the
+    batch executor's client that sends the requests of many answers together."""
+
+    def generate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation: ...
+
+    async def agenerate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunScope:
+    """Who runs a node: the run's context and the budgets it draws on in the store. A graph
+    reads them from LangGraph's runtime; the batch executor, which runs the nodes without
+    LangGraph, passes each answer's own."""
+
+    context: RelayContext
+    scopes: list[Scope]
+
+
 class RelayNodes:
     """The node functions, sync and async, bound to one config and its endpoint clients.
 
@@ -286,10 +317,17 @@ class RelayNodes:
     here; what it means for the answer is decided by the pure functions of ``answer``.
     """
 
-    def __init__(self, config: RelayConfig, budget_store: BudgetStore | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        budget_store: BudgetStore | None = None,
+        *,
+        student_client: ModelClient | None = None,
+        teacher_client: ModelClient | None = None,
+    ) -> None:
         self.config = config
-        self.student_client: EndpointClient = client_for(config.student, "student")
-        self.teacher_client: EndpointClient = client_for(config.teacher, "teacher")
+        self.student_client: ModelClient = student_client or client_for(config.student, "student")
+        self.teacher_client: ModelClient = teacher_client or client_for(config.teacher, "teacher")
         self._budget_store = budget_store
 
     @property
@@ -298,17 +336,20 @@ class RelayNodes:
             self._budget_store = open_budget_store(self.config.budget_store)
         return self._budget_store
 
-    def _scopes(self) -> list[Scope]:
-        """The budgets this run draws on in the store: its conversation's and its user's pool."""
-        context = _context()
+    def run_scope(self, context: RelayContext, run: Mapping[str, Any] | None = None) -> RunScope:
+        """The budgets a run with ``context`` (and LangGraph run config ``run``) draws on in the
+        store: its conversation's and its user's pool."""
         config = self.config
         scopes: list[Scope] = []
-        conversation = conversation_id(context.conversation_id, get_config())
+        conversation = conversation_id(context.conversation_id, run)
         if conversation and has_limits(config.budget):
             scopes.append(Scope("conversation", conversation_key(conversation), config.budget))
         if context.user and has_limits(config.user_budget):
             scopes.append(Scope("user", user_key(context.user), config.user_budget))
-        return scopes
+        return RunScope(context, scopes)
+
+    def _graph_run(self, run: RunScope | None) -> RunScope:
+        return run if run is not None else self.run_scope(_context(), get_config())
 
     def _begun(self, state: RelayState) -> tuple[AnswerState, Ledger]:
         """The answer in progress, or a new one when this run starts: an answer belongs to the
@@ -327,16 +368,17 @@ class RelayNodes:
 
     # student -------------------------------------------------------------------------
 
-    def _student_turn(self, state: RelayState) -> _StudentStep:
+    def _student_turn(self, state: RelayState, run: RunScope | None) -> _StudentStep:
         answer, ledger = self._begun(state)
-        context = _context()
+        run = self._graph_run(run)
+        context = run.context
         plan = student_plan(answer, self.config)
         return _StudentStep(
             answer=answer,
             ledger=ledger,
             turn=_StudentTurn(answer, context.writer()),
             live=context.stream_tokens,
-            scopes=self._scopes(),
+            scopes=run.scopes,
             plan=plan,
             request=student_request(answer, self.config, plan),
         )
@@ -375,8 +417,8 @@ class RelayNodes:
             raise BudgetExceeded(event["message"], scope=event.get("scope"), reason=event.get("reason"))
         return answer
 
-    def student(self, state: RelayState) -> dict[str, Any]:
-        step = self._student_turn(state)
+    def student(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._student_turn(state, run)
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = self.student_client.generate(step.request, step.on_text, step.watch)
@@ -384,8 +426,8 @@ class RelayNodes:
         balances = self._balances(step.scopes) if route(answer) == "finish" else None
         return self._update(answer, step.ledger, balances)
 
-    async def astudent(self, state: RelayState) -> dict[str, Any]:
-        step = self._student_turn(state)
+    async def astudent(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._student_turn(state, run)
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = await self.student_client.agenerate(step.request, step.on_text, step.watch)
@@ -400,12 +442,12 @@ class RelayNodes:
     # leave a hold behind, whoever runs the graph. The settle charges what the teacher delivered,
     # a cancelled stream's tokens too (``on_interrupt``).
 
-    def _teacher_call(self, state: RelayState) -> _TeacherStep:
-        context = _context()
+    def _teacher_call(self, state: RelayState, run: RunScope | None) -> _TeacherStep:
+        run = self._graph_run(run)
+        context, scopes = run.context, run.scopes
         answer = state["answer"]
         call = answer["call"]
         assert call is not None
-        scopes = self._scopes()
         return _TeacherStep(
             answer=answer,
             call=_TeacherCall(answer, context.writer()),
@@ -444,8 +486,8 @@ class RelayNodes:
         _write(call.writer, deltas)
         return answer, ledger
 
-    def teacher(self, state: RelayState) -> dict[str, Any]:
-        step = self._teacher_call(state)
+    def teacher(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._teacher_call(state, run)
         reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
@@ -468,8 +510,8 @@ class RelayNodes:
         balances = self._balances(step.scopes) if route(answer) == "finish" else None
         return self._update(answer, ledger, balances)
 
-    async def ateacher(self, state: RelayState) -> dict[str, Any]:
-        step = self._teacher_call(state)
+    async def ateacher(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._teacher_call(state, run)
         reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
