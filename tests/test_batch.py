@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from relay_agents import Budget, abatch_relay, arelay, batch_relay
+from relay_agents import Budget, ChatRelay, abatch_relay, arelay, batch_relay
 from relay_agents.api import RelayResult
 from relay_agents.testing import ScriptedServer
 from tests.conftest import relay_config
@@ -112,3 +112,34 @@ def test_batch_relay_blocks(scripted: ScriptedServer) -> None:
     (result,) = batch_relay([f"{key(0)} what is 0?"], config)
     assert isinstance(result, RelayResult) and result.text.endswith("\\boxed{0}.")
     assert asyncio.run(arelay(f"{key(4)} what is 4?", config)).finish_reason == "stop"
+
+
+async def test_chat_relay_abatch_takes_the_batch_path(scripted: ScriptedServer) -> None:
+    config = relay_config(scripted, max_answer_tokens=60)
+    script_answers(scripted)
+    chat = ChatRelay(config=config)
+    questions = [f"{key(i)} what is {i}?" for i in range(8)]
+    replies = await chat.abatch(questions)
+    student = generation_requests(scripted, "student")
+    assert isinstance(student[0]["prompt"], list) and len(student[0]["prompt"]) == 8
+    scripted.reset()
+    script_answers(scripted)
+    alone = [await chat.ainvoke(q) for q in questions]
+    assert [r.text for r in replies] == [r.text for r in alone]
+    assert [r.response_metadata["relay"] for r in replies] == [r.response_metadata["relay"] for r in alone]
+    assert [r.usage_metadata for r in replies] == [r.usage_metadata for r in alone]
+
+
+def test_chat_relay_batch_with_callbacks_runs_each_call(scripted: ScriptedServer) -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Starts(BaseCallbackHandler):
+        count = 0
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            Starts.count += 1
+
+    script_answers(scripted)
+    chat = ChatRelay(config=relay_config(scripted, max_answer_tokens=60))
+    replies = chat.batch([f"{key(0)} q", f"{key(4)} q"], config={"callbacks": [Starts()]})
+    assert Starts.count == 2 and all(r.text.endswith("}.") for r in replies)
