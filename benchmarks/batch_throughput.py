@@ -49,7 +49,7 @@ from relay_agents.tiny.servers import TinyPairServers, tiny_pair_servers
 from relay_agents.tiny.tasks import Problem, eval_problems, is_correct
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive_vs_relay import NaiveLoop  # noqa: E402 (a sibling script, not a package)
+from naive_vs_relay import NaiveLoop
 
 _CALL = re.compile(r"<call>\s*(\d+)\s*</call>\s*$")
 
@@ -246,7 +246,8 @@ def table(result: dict[str, Any]) -> str:
     ]
     for name, runs in result["runs"].items():
         answers = result["answers_1"] if "concurrency 1" in name else result["problems"]
-        teacher = "n/a" if "naive" in name else f"{runs[0]['teacher_tokens']:,} / {runs[0]['teacher_calls']:,}"
+        first = runs[0]
+        teacher = "n/a" if "naive" in name else f"{first['teacher_tokens']:,} / {first['teacher_calls']:,}"
         lines.append(
             f"| {name} | {answers} | {_median_range([r['answers_per_s'] for r in runs], '.1f')} "
             f"| {runs[0]['accuracy']:.1%} | {teacher} "
