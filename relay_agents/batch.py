@@ -1,4 +1,5 @@
-"""The batch executor: many answers relayed together, their requests sent in batches.
+"""Relaying without LangGraph: one answer (``arelay``'s usual path) or many together (the batch
+executor, its requests sent in batches).
 
 Each answer runs the graph's own nodes (:class:`relay_agents.graph.RelayNodes`: the same plan,
 budget holds and settles, and pure state machine), one coroutine per answer, without LangGraph:
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import AIMessage, convert_to_messages
+from langchain_core.runnables.config import var_child_runnable_config
+from langsmith.utils import tracing_is_enabled
 
 from relay_agents.budgets import BudgetStore
 from relay_agents.clients import EndpointClient, OnInterrupt, OnText, Watch, client_for
@@ -28,6 +31,31 @@ from relay_agents.graph import RelayContext, RelayNodes, RelayState
 
 #: How long a batch waits, after its first request is queued, for more to join it.
 DEFAULT_WINDOW_S = 0.002
+
+
+def in_langchain_run() -> bool:
+    """Whether a run here belongs to LangChain: called inside a runnable (a LangGraph node, a
+    chain: the graph inherits its config, thread and callbacks) or with tracing on. Such a run
+    goes through the graph, so that it is traced and configured as before."""
+    return var_child_runnable_config.get() is not None or bool(tracing_is_enabled())
+
+
+async def run_answer(nodes: RelayNodes, messages: list[Any], context: RelayContext) -> AIMessage:
+    """One answer: the student and teacher steps, as the graph routes them, until it ends."""
+    if context.on_delta is None:  # no LangGraph stream to write to
+        context = dataclasses.replace(context, on_delta=_unread)
+    run = nodes.run_scope(context)
+    state: RelayState = {"messages": convert_to_messages(messages)}
+    while True:
+        answer = state.get("answer")
+        if answer is not None and route(answer) == "teacher":
+            update = await nodes.ateacher(state, run)
+        else:
+            update = await nodes.astudent(state, run)
+        if "messages" in update:  # the step that ends the answer writes the reply
+            reply: AIMessage = update["messages"][-1]
+            return reply
+        state = {**state, **update}
 
 
 class BatchedClient:
@@ -113,21 +141,7 @@ class BatchRelay:
         )
 
     async def answer(self, messages: list[Any], context: RelayContext) -> AIMessage:
-        """One answer: student and teacher steps, as the graph routes them, until it ends."""
-        if context.on_delta is None:  # no LangGraph stream to write to
-            context = dataclasses.replace(context, on_delta=_unread)
-        run = self.nodes.run_scope(context)
-        state: RelayState = {"messages": convert_to_messages(messages)}
-        while True:
-            answer = state.get("answer")
-            if answer is not None and route(answer) == "teacher":
-                update = await self.nodes.ateacher(state, run)
-            else:
-                update = await self.nodes.astudent(state, run)
-            if "messages" in update:  # the step that ends the answer writes the reply
-                reply: AIMessage = update["messages"][-1]
-                return reply
-            state = {**state, **update}
+        return await run_answer(self.nodes, messages, context)
 
     async def run(
         self,
@@ -138,7 +152,7 @@ class BatchRelay:
     ) -> list[AIMessage | BaseException]:
         """The replies to ``questions``, in order. An answer that fails cancels the others and
         raises, unless ``return_exceptions`` (its exception then takes its place)."""
-        runs = [self.answer(q, c) for q, c in zip(questions, contexts, strict=True)]
+        runs = [run_answer(self.nodes, q, c) for q, c in zip(questions, contexts, strict=True)]
         if return_exceptions:
             return list(await asyncio.gather(*runs, return_exceptions=True))
         async with asyncio.TaskGroup() as group:

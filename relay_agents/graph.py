@@ -621,13 +621,24 @@ class _Step(Runnable[Any, Any]):
 
 
 @lru_cache(maxsize=64)
+def _shared_nodes(key: ByDigest[RelayConfig]) -> RelayNodes:
+    return RelayNodes(key.config)
+
+
+@lru_cache(maxsize=64)
 def _shared_graph(key: ByDigest[RelayConfig]) -> CompiledStateGraph:
-    return build_relay_graph(key.config)
+    return _compiled(_shared_nodes(key), key.config, None, "relay")
 
 
 def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
     """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
     return _shared_graph(ByDigest(config))
+
+
+def shared_relay_nodes(config: RelayConfig) -> RelayNodes:
+    """The nodes of :func:`shared_relay_graph`'s graph (the same budget store), for runs
+    without LangGraph."""
+    return _shared_nodes(ByDigest(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:
@@ -651,7 +662,12 @@ def build_relay_graph(
     a run with neither keeps its ledger in the thread state. Both ``invoke`` and ``ainvoke``
     work (each node has a sync and an async body).
     """
-    nodes = RelayNodes(config, budget_store)
+    return _compiled(RelayNodes(config, budget_store), config, checkpointer, name)
+
+
+def _compiled(
+    nodes: RelayNodes, config: RelayConfig, checkpointer: Checkpointer, name: str
+) -> CompiledStateGraph:
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )
