@@ -11,7 +11,8 @@ servers (``tiny_pair_servers()``: student on core 0, teacher on core 1, greedy, 
   ``return_token_ids``); the protocol is relay-agents' (``teacher_view`` for the teacher's
   prompt, the call's ``N`` capped by the tokens left, a call ending the last turn unanswered);
 * batch path: :func:`relay_agents.abatch_relay` over all problems;
-* ``arelay`` at full concurrency: one ``arelay`` per problem, all at once;
+* ``arelay`` at full concurrency: one ``arelay`` per problem, all at once, and the same
+  answers through the LangGraph graph (``ainvoke`` of ``arelay``'s graph);
 * at concurrency 1: the naive loop of ``benchmarks/naive_vs_relay.py`` and ``arelay`` one
   answer at a time, on ``--answers-1`` problems.
 
@@ -43,7 +44,9 @@ from typing import Any
 import aiohttp
 
 from relay_agents import RelayConfig, abatch_relay, arelay
+from relay_agents.api import RelayResult
 from relay_agents.core.protocol import teacher_view
+from relay_agents.graph import RelayContext, shared_relay_graph
 from relay_agents.prompts import ChatTemplate, protocol_messages, to_openai_messages
 from relay_agents.tiny.servers import TinyPairServers, tiny_pair_servers
 from relay_agents.tiny.tasks import Problem, eval_problems, is_correct
@@ -137,7 +140,8 @@ class BarrierLoop:
                     elif a.turns >= self.cfg.max_student_turns or a.tokens >= cap:
                         a.done = True
                     else:
-                        a.call = min(int(match.group(1)), self.cfg.max_call_tokens, cap - a.tokens)
+                        limit = self.cfg.max_call_tokens or cap
+                        a.call = min(int(match.group(1)), limit, cap - a.tokens)
                 calling = [a for a in active if a.call]
                 replies = await self._generate(
                     session,
@@ -171,6 +175,17 @@ async def run_arelay(cfg: RelayConfig, questions: list[str]) -> Outcome:
     return _relayed(await asyncio.gather(*(arelay(q, cfg) for q in questions)))
 
 
+async def run_graph(cfg: RelayConfig, questions: list[str]) -> Outcome:
+    """``arelay``'s answers through the LangGraph graph (what ``arelay`` ran before it ran the
+    nodes directly; it still does with a checkpointer or inside a LangChain run)."""
+    graph = shared_relay_graph(cfg)
+    context = RelayContext(stream_tokens=False)
+    states = await asyncio.gather(
+        *(graph.ainvoke({"messages": [{"role": "user", "content": q}]}, context=context) for q in questions)
+    )
+    return _relayed([RelayResult.from_message(s["messages"][-1]) for s in states])
+
+
 async def run_arelay_one_by_one(cfg: RelayConfig, questions: list[str]) -> Outcome:
     return _relayed([await arelay(q, cfg) for q in questions])
 
@@ -193,7 +208,7 @@ def timed(run: Callable[[], Outcome], problems: list[Problem]) -> dict[str, floa
     }
 
 
-def main(n: int, answers_1: int, rounds: int) -> dict[str, Any]:
+def main(n: int, answers_1: int, rounds: int, only: list[str] | None = None) -> dict[str, Any]:
     problems = eval_problems(n)
     few = problems[:answers_1]
     questions, few_questions = [p.question for p in problems], [p.question for p in few]
@@ -208,9 +223,12 @@ def main(n: int, answers_1: int, rounds: int) -> dict[str, Any]:
             "barrier loop": (sync(lambda: barrier.run(questions)), problems),
             "batch path": (sync(lambda: run_batch(cfg, questions)), problems),
             f"{n} x arelay": (sync(lambda: run_arelay(cfg, questions)), problems),
+            f"{n} x the LangGraph graph": (sync(lambda: run_graph(cfg, questions)), problems),
             "naive loop, concurrency 1": (lambda: run_naive(naive, few_questions), few),
             "arelay, concurrency 1": (sync(lambda: run_arelay_one_by_one(cfg, few_questions)), few),
         }
+        if only:
+            ways = {name: way for name, way in ways.items() if any(o in name for o in only)}
         for run, subset in ways.values():  # warm-up
             timed(run, subset)
         measured: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
@@ -261,7 +279,8 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=256, help="problems for the batch ways")
     parser.add_argument("--answers-1", type=int, default=32, help="problems at concurrency 1")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="run only the ways whose names hold one of these")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    result = main(args.n, args.answers_1, args.rounds)
+    result = main(args.n, args.answers_1, args.rounds, args.only)
     print(json.dumps(result, indent=2) if args.json else table(result))

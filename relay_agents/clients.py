@@ -1106,8 +1106,10 @@ class EndpointClient:
         On the completions API the requests whose bodies differ only in their prompt go out as
         ONE streamed request with a list of prompts (vLLM runs them in the same engine steps
         and sends each choice's chunks under its index); the stream is read only to learn when
-        each choice ends, and ``stream_options.continuous_usage_stats`` gives each choice's own
-        token counts (the final usage is the sum). Each reply is the same as
+        each choice ends, so vLLM's ``stream_interval`` asks for no chunk between a choice's
+        first token and its end (a chunk per token costs the servers and this client more than
+        the stream saves), and ``stream_options.continuous_usage_stats`` gives each choice's
+        own token counts (the final usage is the sum). Both are vLLM's. Each reply is the same as
         :meth:`agenerate`'s whole reply: the same collector checks it and cuts it at its
         ``max_tokens``. A chat API cannot take a list: each request goes alone, all at once.
         """
@@ -1141,10 +1143,13 @@ class EndpointClient:
         self, group: list[tuple[dict[str, Any], _Collector, asyncio.Future[Generation]]], request: Request
     ) -> None:
         """One streamed completions request for ``group``'s prompts (see :meth:`agenerate_batch`)."""
+        first = group[0][0]
         body = {
-            **group[0][0],
+            **first,
             "prompt": [item[0]["prompt"] for item in group],
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            # vLLM: a choice's first token, then the rest when it ends, not a chunk per token
+            "stream_interval": first[self.endpoint.max_tokens_param],
         }
         url, transport = self._url("completions"), self.transport
         deadline = Deadline(self.endpoint.call_deadline_s)
