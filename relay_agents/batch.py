@@ -111,6 +111,11 @@ class BatchedClient:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
+    def cancel(self) -> None:
+        """Close the requests still in flight (their answers are gone)."""
+        for task in list(self._sending):
+            task.cancel()
+
     async def _sent(
         self, requests: list[Request], watches: list[Watch | None], futures: list[asyncio.Future[Generation]]
     ) -> None:
@@ -153,11 +158,15 @@ class BatchRelay:
         """The replies to ``questions``, in order. An answer that fails cancels the others and
         raises, unless ``return_exceptions`` (its exception then takes its place)."""
         runs = [run_answer(self.nodes, q, c) for q, c in zip(questions, contexts, strict=True)]
-        if return_exceptions:
-            return list(await asyncio.gather(*runs, return_exceptions=True))
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(run) for run in runs]
-        return [task.result() for task in tasks]
+        try:
+            if return_exceptions:
+                return list(await asyncio.gather(*runs, return_exceptions=True))
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(run) for run in runs]
+            return [task.result() for task in tasks]
+        finally:  # after a failure or a cancellation, no request goes on for nobody
+            self.student.cancel()
+            self.teacher.cancel()
 
 
 def _unread(delta: dict[str, str]) -> None:

@@ -143,3 +143,19 @@ def test_chat_relay_batch_with_callbacks_runs_each_call(scripted: ScriptedServer
     chat = ChatRelay(config=relay_config(scripted, max_answer_tokens=60))
     replies = chat.batch([f"{key(0)} q", f"{key(4)} q"], config={"callbacks": [Starts()]})
     assert Starts.count == 2 and all(r.text.endswith("}.") for r in replies)
+
+
+async def test_a_cancelled_batch_closes_its_requests(scripted: ScriptedServer) -> None:
+    script_answers(scripted)
+    scripted.faults("student", ["hang"])
+    config = relay_config(scripted, max_answer_tokens=60)
+    run = asyncio.ensure_future(abatch_relay([f"{key(i)} q" for i in range(4)], config))
+    await asyncio.sleep(0.5)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    for _ in range(50):
+        if generation_requests(scripted, "student")[0]["disconnected"]:
+            break
+        await asyncio.sleep(0.05)
+    assert generation_requests(scripted, "student")[0]["disconnected"]
