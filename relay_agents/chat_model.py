@@ -45,17 +45,18 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig, get_config_list
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
+from relay_agents.batch import BatchRelay
 from relay_agents.core.config import Endpoint, RelayConfig
 from relay_agents.core.tools import CallPiece, ToolAnswer, normalise_tool_choice
 from relay_agents.graph import (
@@ -234,10 +235,16 @@ class ChatRelay(BaseChatModel):
         return self.relay_config
 
     def _graph_for_call(self, kwargs: dict[str, Any]) -> CompiledStateGraph:
-        overrides = {key: kwargs[key] for key in _CALL_OVERRIDES if kwargs.get(key) is not None}
-        if not overrides:
+        if not any(kwargs.get(key) is not None for key in _CALL_OVERRIDES):
             return self.graph
+        return shared_relay_graph(self._config_for_call(kwargs))
+
+    def _config_for_call(self, kwargs: dict[str, Any]) -> RelayConfig:
+        """The relay config with this call's ``model``, ``temperature`` and ``max_tokens``."""
+        overrides = {key: kwargs[key] for key in _CALL_OVERRIDES if kwargs.get(key) is not None}
         config = self._config()
+        if not overrides:
+            return config
         student = config.student.model_dump()
         if "model" in overrides:
             student["model"] = overrides["model"]
@@ -247,7 +254,7 @@ class ChatRelay(BaseChatModel):
         if "max_tokens" in overrides:
             data["max_answer_tokens"] = overrides["max_tokens"]
         data.update(student=Endpoint.model_validate(student), teacher=config.teacher)
-        return shared_relay_graph(RelayConfig.model_validate(data))
+        return RelayConfig.model_validate(data)
 
     @staticmethod
     def _conversation(kwargs: dict[str, Any], run_manager: Any) -> str | None:
@@ -332,6 +339,54 @@ class ChatRelay(BaseChatModel):
         finally:
             var_child_runnable_config.reset(token)
         return self._result(state["messages"][-1], stop, kwargs, run_manager)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """The replies to ``inputs`` through the batch path (:func:`relay_agents.abatch_relay`):
+        the requests of all answers ready at once go to each model together.
+
+        Calls with callbacks (tracing) in their config run one by one through LangChain's own
+        ``abatch``, so that each is traced as before."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        if any(c.get("callbacks") for c in configs):
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        messages = [self._convert_input(i).to_messages() for i in inputs]
+        conversations = [self._conversation(kwargs, None) or conversation_id(None, c) for c in configs]
+        user = kwargs.get("user")
+        users = [None if user is None else str(user)] * len(inputs)
+        executor = BatchRelay(self._config_for_call(kwargs))
+        contexts = [
+            RelayContext(stream_tokens=False, conversation_id=c, user=u, tools=_active_tools(kwargs))
+            for c, u in zip(conversations, users, strict=True)
+        ]
+        replies = await executor.run(messages, contexts, return_exceptions=return_exceptions)
+        return [
+            reply
+            if isinstance(reply, BaseException)
+            else self._result(reply, kwargs.get("stop"), kwargs, None).generations[0].message
+            for reply in replies
+        ]
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """:meth:`abatch`, blocking (in its own event loop; callbacks: LangChain's ``batch``)."""
+        if inputs and any(c.get("callbacks") for c in get_config_list(config, len(inputs))):
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        return asyncio.run(self.abatch(inputs, config, return_exceptions=return_exceptions, **kwargs))
 
     def _stream(
         self,

@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, Generic, TypedDict, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypedDict, TypeVar
 
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -41,7 +41,7 @@ from relay_agents.budgets import (
     open_budget_store,
     user_key,
 )
-from relay_agents.clients import STREAM_ERRORS, Client, client_for
+from relay_agents.clients import STREAM_ERRORS, OnInterrupt, OnText, Watch, client_for
 from relay_agents.core.answer import (
     AnswerState,
     Delta,
@@ -281,6 +281,39 @@ class _TeacherStep:
         return self.call.on_text if self.live else None
 
 
+class ModelClient(Protocol):
+    """What the nodes ask of a model: :class:`relay_agents.clients.EndpointClient`, or the
+    batch executor's client that sends the requests of many answers together."""
+
+    def generate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation: ...
+
+    async def agenerate(
+        self,
+        request: Request,
+        on_text: OnText | None = None,
+        watch: Watch | None = None,
+        on_interrupt: OnInterrupt | None = None,
+    ) -> Generation: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunScope:
+    """Who runs a node: the run's context and the budgets it draws on in the store. A graph
+    reads them from LangGraph's runtime; the batch executor, which runs the nodes without
+    LangGraph, passes each answer's own."""
+
+    context: RelayContext
+    scopes: list[Scope]
+    #: The conversation's id (explicit or the run's thread): keeps its requests on one replica.
+    conversation: str | None = None
+
+
 class RelayNodes:
     """The node functions, sync and async, bound to one config and its endpoint clients.
 
@@ -288,10 +321,17 @@ class RelayNodes:
     here; what it means for the answer is decided by the pure functions of ``answer``.
     """
 
-    def __init__(self, config: RelayConfig, budget_store: BudgetStore | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        budget_store: BudgetStore | None = None,
+        *,
+        student_client: ModelClient | None = None,
+        teacher_client: ModelClient | None = None,
+    ) -> None:
         self.config = config
-        self.student_client: Client = client_for(config.student, "student")
-        self.teacher_client: Client = client_for(config.teacher, "teacher")
+        self.student_client: ModelClient = student_client or client_for(config.student, "student")
+        self.teacher_client: ModelClient = teacher_client or client_for(config.teacher, "teacher")
         self._budget_store = budget_store
 
     @property
@@ -300,19 +340,22 @@ class RelayNodes:
             self._budget_store = open_budget_store(self.config.budget_store)
         return self._budget_store
 
-    def _scopes(self) -> list[Scope]:
-        """The budgets this run draws on in the store: its conversation's and its user's pool."""
-        context = _context()
+    def run_scope(self, context: RelayContext, run: Mapping[str, Any] | None = None) -> RunScope:
+        """The budgets a run with ``context`` (and LangGraph run config ``run``) draws on in the
+        store: its conversation's and its user's pool."""
         config = self.config
         scopes: list[Scope] = []
-        conversation = conversation_id(context.conversation_id, get_config())
+        conversation = conversation_id(context.conversation_id, run)
         if conversation and has_limits(config.budget):
             scopes.append(Scope("conversation", conversation_key(conversation), config.budget))
         if context.user and has_limits(config.user_budget):
             scopes.append(Scope("user", user_key(context.user), config.user_budget))
-        return scopes
+        return RunScope(context, scopes, conversation)
 
-    def _begun(self, state: RelayState) -> tuple[AnswerState, Ledger]:
+    def _graph_run(self, run: RunScope | None) -> RunScope:
+        return run if run is not None else self.run_scope(_context(), get_config())
+
+    def _begun(self, state: RelayState, context: RelayContext) -> tuple[AnswerState, Ledger]:
         """The answer in progress, or a new one when this run starts: an answer belongs to the
         message it replies to, so a thread's next question (or a run retried after a failure
         with a new question) never continues an old answer, while a resumed run does."""
@@ -322,28 +365,29 @@ class RelayNodes:
         ledger = state.get("ledger") or new_ledger()
         if answer is not None and answer.get("question_id") == question_id:
             return answer, ledger
-        tools = _context().tools
-        return start_answer(relay_prompt(self.config, messages), self.config, question_id, tools), ledger
+        return (
+            start_answer(relay_prompt(self.config, messages), self.config, question_id, context.tools),
+            ledger,
+        )
 
     # Each node is plan -> I/O -> apply: the sync and async bodies differ only in their I/O
     # lines (a model request, a budget-store call).
 
     # student -------------------------------------------------------------------------
 
-    def _student_turn(self, state: RelayState) -> _StudentStep:
-        answer, ledger = self._begun(state)
-        context = _context()
+    def _student_turn(self, state: RelayState, run: RunScope | None) -> _StudentStep:
+        run = self._graph_run(run)
+        context = run.context
+        answer, ledger = self._begun(state, context)
         plan = student_plan(answer, self.config)
         return _StudentStep(
             answer=answer,
             ledger=ledger,
             turn=_StudentTurn(answer, context.writer()),
             live=context.stream_tokens,
-            scopes=self._scopes(),
+            scopes=run.scopes,
             plan=plan,
-            request=student_request(
-                answer, self.config, plan, conversation_id(context.conversation_id, get_config())
-            ),
+            request=student_request(answer, self.config, plan, run.conversation),
         )
 
     def _after_student(self, step: _StudentStep, gen: Generation) -> AnswerState:
@@ -380,8 +424,8 @@ class RelayNodes:
             raise BudgetExceeded(event["message"], scope=event.get("scope"), reason=event.get("reason"))
         return answer
 
-    def student(self, state: RelayState) -> dict[str, Any]:
-        step = self._student_turn(state)
+    def student(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._student_turn(state, run)
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = self.student_client.generate(step.request, step.on_text, step.watch)
@@ -389,8 +433,8 @@ class RelayNodes:
         balances = self._balances(step.scopes) if route(answer) == "finish" else None
         return self._update(answer, step.ledger, balances)
 
-    async def astudent(self, state: RelayState) -> dict[str, Any]:
-        step = self._student_turn(state)
+    async def astudent(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._student_turn(state, run)
         gen = skipped_student_turn()
         if not step.plan.call_at_start:
             gen = await self.student_client.agenerate(step.request, step.on_text, step.watch)
@@ -405,12 +449,12 @@ class RelayNodes:
     # leave a hold behind, whoever runs the graph. The settle charges what the teacher delivered,
     # a cancelled stream's tokens too (``on_interrupt``).
 
-    def _teacher_call(self, state: RelayState) -> _TeacherStep:
-        context = _context()
+    def _teacher_call(self, state: RelayState, run: RunScope | None) -> _TeacherStep:
+        run = self._graph_run(run)
+        context, scopes = run.context, run.scopes
         answer = state["answer"]
         call = answer["call"]
         assert call is not None
-        scopes = self._scopes()
         return _TeacherStep(
             answer=answer,
             call=_TeacherCall(answer, context.writer()),
@@ -449,8 +493,8 @@ class RelayNodes:
         _write(call.writer, deltas)
         return answer, ledger
 
-    def teacher(self, state: RelayState) -> dict[str, Any]:
-        step = self._teacher_call(state)
+    def teacher(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._teacher_call(state, run)
         reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
@@ -473,8 +517,8 @@ class RelayNodes:
         balances = self._balances(step.scopes) if route(answer) == "finish" else None
         return self._update(answer, ledger, balances)
 
-    async def ateacher(self, state: RelayState) -> dict[str, Any]:
-        step = self._teacher_call(state)
+    async def ateacher(self, state: RelayState, run: RunScope | None = None) -> dict[str, Any]:
+        step = self._teacher_call(state, run)
         reserved: Reservation | None = None
         gen: Generation | None = None
         error: BaseException | None = None
@@ -584,13 +628,24 @@ class _Step(Runnable[Any, Any]):
 
 
 @lru_cache(maxsize=64)
+def _shared_nodes(key: ByDigest[RelayConfig]) -> RelayNodes:
+    return RelayNodes(key.config)
+
+
+@lru_cache(maxsize=64)
 def _shared_graph(key: ByDigest[RelayConfig]) -> CompiledStateGraph:
-    return build_relay_graph(key.config)
+    return _compiled(_shared_nodes(key), key.config, None, "relay")
 
 
 def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
     """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
     return _shared_graph(ByDigest(config))
+
+
+def shared_relay_nodes(config: RelayConfig) -> RelayNodes:
+    """The nodes of :func:`shared_relay_graph`'s graph (the same budget store), for runs
+    without LangGraph."""
+    return _shared_nodes(ByDigest(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:
@@ -614,7 +669,12 @@ def build_relay_graph(
     a run with neither keeps its ledger in the thread state. Both ``invoke`` and ``ainvoke``
     work (each node has a sync and an async body).
     """
-    nodes = RelayNodes(config, budget_store)
+    return _compiled(RelayNodes(config, budget_store), config, checkpointer, name)
+
+
+def _compiled(
+    nodes: RelayNodes, config: RelayConfig, checkpointer: Checkpointer, name: str
+) -> CompiledStateGraph:
     builder = StateGraph(
         RelayState, context_schema=RelayContext, input_schema=MessagesState, output_schema=MessagesState
     )

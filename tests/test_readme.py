@@ -32,7 +32,7 @@ RUNNABLE = {
     "README.md": 3,
     "docs/langchain.md": 5,
     "docs/policies.md": 1,
-    "docs/python.md": 3,
+    "docs/python.md": 4,
     "docs/server.md": 1,
     "docs/training.md": 1,
     "docs/tools.md": 2,
@@ -155,7 +155,9 @@ def test_the_python_page_snippets_run(relay_env: ScriptedServer, capsys: pytest.
     assert "teacher_tokens=3" in out[2] and out[3] == "stop"
     streamed = [line for line in out if line.startswith("[")]
     assert "[teacher] ' 2'" in streamed and any(line.startswith("[student]") for line in streamed)
-    assert out[out.index(streamed[-1]) + 1] == "1"  # stream.result: one teacher call
+    after_stream = out.index(streamed[-1]) + 1
+    assert out[after_stream] == "1"  # stream.result: one teacher call
+    assert out[after_stream + 1] == out[0]  # batch_relay: the answer relay() gave
     assert out[-3:-1] == ["I am a scripted model.", "stop"]  # the checkpointed graph
     assert int(out[-1]) > 0
     assert (Path.cwd() / "conversations.sqlite").exists()

@@ -30,11 +30,12 @@ from .faults import (
 )
 from .generation import Generation, generate, without_calls
 from .script import Replies, Script, check_item
-from .sse import stream_events
+from .sse import batch_stream_events, stream_events
 from .tokens import Vocabulary, tokenize
 from .wire import (
     BadRequest,
     GenerationRequest,
+    batch_prompts,
     completion_body,
     detokenize,
     error_response,
@@ -98,6 +99,9 @@ async def generation(state: ServerState, request: Request) -> Response:
     try:
         body = await read_json(request)
         model = str(body.get("model") or "")
+        prompts = None if chat else batch_prompts(body)
+        if prompts is not None:
+            return await batch_generation(state, request, body, model, prompts)
         prompt = render_prompt(body, chat=chat, vocabulary=state.vocabulary)
     except BadRequest as exc:
         return error_response(str(exc))
@@ -176,6 +180,65 @@ def _next_body(state: ServerState, req: GenerationRequest, prompt: str) -> dict[
     if req.suppress_calls:
         text, probs = without_calls(text), []
     return completion_body(req, _generated(state, req, text), probs)
+
+
+async def batch_generation(
+    state: ServerState, request: Request, body: dict[str, Any], model: str, prompts: list[Any]
+) -> Response:
+    """A completions request with a list of prompts: one choice per prompt (``index``), each
+    answered as a request of its own would be; a whole reply sums the usage. A fault queued for
+    the model answers the whole request."""
+    texts = [render_prompt({**body, "prompt": p}, chat=False, vocabulary=state.vocabulary) for p in prompts]
+    record = {"path": request.url.path, "model": model, "body": body, "prompt": texts}
+    record["authorization"] = request.headers.get("authorization")
+    record["disconnected"] = False
+    state.requests.append(record)
+    state.models.setdefault(model)
+    try:
+        reqs = [
+            parse_generation(
+                body,
+                chat=False,
+                model=model,
+                prompt=text,
+                vocabulary=state.vocabulary,
+                max_model_len=max_model_len(state, model),
+            )
+            for text in texts
+        ]
+    except BadRequest as exc:
+        return error_response(str(exc), param=exc.param)
+    replies = [state.replies.take(model, text, state.config["default_response"]) for text in texts]
+    fault = next((parse_fault(r.fault) for r in replies if r.fault is not None), None)
+    if fault is not None:
+        response = await fault_response(fault, request, stream=reqs[0].stream, record=record)
+        if response is not None:
+            return response
+    gens, probs = [], []
+    for req, reply in zip(reqs, replies, strict=True):
+        text, p = (without_calls(reply.text), []) if req.suppress_calls else (reply.text, reply.probs)
+        gens.append(
+            generate(
+                text,
+                stop=req.stop,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                max_tokens=req.max_tokens,
+                count_eos=state.config["usage_counts_eos"],
+            )
+        )
+        probs.append(p)
+    if reqs[0].stream:
+        events = batch_stream_events(reqs, gens, probs, ttft_s=state.config["ttft_s"])
+        return StreamingResponse(noting_disconnect(events, record), media_type="text/event-stream")
+    if state.config["latency_s"] > 0:
+        await asyncio.sleep(state.config["latency_s"])
+    bodies = [completion_body(req, gen, p) for req, gen, p in zip(reqs, gens, probs, strict=True)]
+    choices = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+    usage = {
+        key: sum(b["usage"][key] for b in bodies)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    return JSONResponse({**bodies[0], "choices": choices, "usage": usage})
 
 
 async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) -> AsyncIterator[str]:

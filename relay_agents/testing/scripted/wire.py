@@ -49,6 +49,15 @@ def detokenize(vocabulary: Vocabulary, ids: list[Any]) -> str:
         raise BadRequest(str(exc)) from None
 
 
+def batch_prompts(body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completions request with a list of two or more prompts (strings or
+    token-id lists), else None."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
+        return prompt
+    return None
+
+
 def render_prompt(body: dict[str, Any], *, chat: bool, vocabulary: Vocabulary) -> str:
     """The prompt text: a completion's ``prompt`` (a string, one string, or token ids) or the
     chat ``messages`` rendered with the chat template."""
@@ -133,6 +142,7 @@ class GenerationRequest:
     model: str
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # each chunk carries its choice's usage so far
     stop: list[str]
     include_stop_str_in_output: bool
     prompt_tokens: int
@@ -166,6 +176,7 @@ def parse_generation(
         model=model,
         stream=stream,
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        continuous_usage=bool((body.get("stream_options") or {}).get("continuous_usage_stats")),
         stop=stop,
         include_stop_str_in_output=bool(body.get("include_stop_str_in_output", False)),
         prompt_tokens=prompt_tokens,
