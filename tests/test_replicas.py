@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay_agents import Endpoint, arelay
+from relay_agents import Endpoint, abatch_relay, arelay
 from relay_agents.clients import affinity_key
 from relay_agents.core.types import Request
 from relay_agents.testing import ScriptedServer
@@ -28,13 +28,16 @@ def replicas() -> Iterator[list[ScriptedServer]]:
 
 
 def served_by(replicas: list[ScriptedServer], marker: str) -> list[int]:
-    """Which replica answered each student request whose prompt holds ``marker``, in order."""
+    """Which replica answered each student prompt that holds ``marker``, in order (a batched
+    request carries a list of prompts)."""
     return [
         i
         for i, server in enumerate(replicas)
         if server.running
         for request in server.requests()
-        if request["model"] == "student" and marker in request["prompt"]
+        if request["model"] == "student"
+        for prompt in (request["prompt"] if isinstance(request["prompt"], list) else [request["prompt"]])
+        if marker in prompt
     ]
 
 
@@ -102,3 +105,43 @@ def test_replica_urls_come_as_a_list_or_comma_separated() -> None:
         {"base_url": "http://a/v1", "model": "m", "replica_urls": "http://b/v1/, http://c/v1"}
     )
     assert listed.replica_urls == separated.replica_urls == ("http://b/v1", "http://c/v1")
+
+
+async def test_the_batch_path_keeps_each_conversation_on_its_replica_and_fails_over(
+    scripted: ScriptedServer, replicas: list[ScriptedServer]
+) -> None:
+    config = relay_config(
+        scripted,
+        student={
+            "base_url": replicas[0].base_url,
+            "replica_urls": [r.base_url for r in replicas[1:]],
+            "max_retries": 0,
+        },
+    )
+    ids = [f"replica-{c}" for c in range(CONVERSATIONS)]
+    questions = [f"Q-replica {c}/0: and then?" for c in range(CONVERSATIONS)]
+    results = await abatch_relay(questions, config, conversation_ids=ids)
+    assert [r.text for r in results] == ["An answer."] * CONVERSATIONS  # type: ignore[union-attr]
+    home = {}
+    for conversation in range(CONVERSATIONS):
+        seen = served_by(replicas, f"Q-replica {conversation}/0")
+        assert len(seen) == 1, seen
+        home[conversation] = seen[0]
+    assert len(set(home.values())) >= 2, home  # the same ranking as arelay's: spread over replicas
+    for conversation in range(CONVERSATIONS):  # and the same replica arelay picks
+        await turns(config, conversation, 1)
+        assert served_by(replicas, f"Q-replica {conversation}/0")[-1] == home[conversation]
+
+    dead = home[0]
+    replicas[dead].stop()
+    for server in replicas:
+        if server.running:
+            server.reset()
+            server.script("student", "Q-replica", ["An answer."], repeat=True)
+    results = await abatch_relay(questions, config, conversation_ids=ids)
+    assert [r.text for r in results] == ["An answer."] * CONVERSATIONS  # type: ignore[union-attr]
+    for conversation in range(CONVERSATIONS):
+        seen = served_by(replicas, f"Q-replica {conversation}/0")
+        assert len(seen) == 1 and seen[0] != dead, seen
+        if home[conversation] != dead:
+            assert seen[0] == home[conversation]
