@@ -114,7 +114,7 @@ class StudentRecipe:
     num_attention_heads: int = 3
     num_key_value_heads: int = 1
     head_dim: int = 32
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
@@ -186,7 +186,7 @@ def train_student(dest: Path = SHIPPED_DIR, recipe: StudentRecipe = RECIPE) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         t0 = time.monotonic()
-        stats = train_model(model_recipe, tok, DEFAULT_RECIPE, examples, tmp / "student")
+        stats = train_model(model_recipe, tok, DEFAULT_RECIPE, examples, tmp / "student", threads=1)
         stats["train_wall_seconds"] = round(time.monotonic() - t0, 1)
         write_manifest(
             tmp,

@@ -26,8 +26,6 @@ from relay_agents.core.grants import BudgetLimit, CallQuote, Spend, TokenCap, gr
 from relay_agents.core.protocol import CALL_CLOSE, parse_call, teacher_view
 from relay_agents.core.types import Message, Request
 
-#: the published code's cap on one command's N when it computes the call ratio
-CALL_RATIO_CAP_PER_CALL = 4096
 
 class RolloutSettings(BaseModel):
     """How one relay rollout runs (the published protocol's limits by default)."""
@@ -37,6 +35,7 @@ class RolloutSettings(BaseModel):
     max_call_tokens: int | None = Field(default=None, ge=1, description="Cap on one call's grant.")
     budget: Budget = Field(default_factory=Budget, description="Teacher spend allowed per answer.")
     teacher_workers: int = Field(default=8, ge=1, description="Teacher requests in flight at once.")
+
 
 @dataclass
 class Rollout:
@@ -58,32 +57,16 @@ class Rollout:
     def teacher_tokens(self) -> int:
         return len(self.env_mask) - sum(self.env_mask)
 
-    def call_ratio(self, definition: str = "requested") -> float:
-        """``requested``: the published code's (sum of N, each capped at 4096, over the
-        response length, capped at 1); ``tokens``: teacher tokens over all answer tokens."""
-        length = len(self.completion_ids)
-        if not length:
-            return 0.0
-        if definition == "tokens":
-            return self.teacher_tokens / length
-        return min(1.0, sum(min(n, CALL_RATIO_CAP_PER_CALL) for n in self.requested) / length)
 
 class RelayRollouts:
     """TRL's ``rollout_func``: relays one answer per prompt (the trainer repeats each prompt
     ``num_generations`` times) and returns the ids, the student's log-probabilities, ``env_mask``
-    and the relay's figures (``called``, ``call_ratio``, ``teacher_tokens``) that the reward
+    and the relay's figures (``called``, ``teacher_tokens``) that the reward
     functions receive as keyword arguments."""
 
-    def __init__(
-        self,
-        teacher: Endpoint,
-        settings: RolloutSettings | None = None,
-        *,
-        call_ratio_definition: str = "requested",
-    ) -> None:
+    def __init__(self, teacher: Endpoint, settings: RolloutSettings | None = None) -> None:
         self.teacher = EndpointClient(teacher, "teacher")
         self.settings = settings or RolloutSettings()
-        self.call_ratio_definition = call_ratio_definition
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         args = trainer.args
@@ -101,7 +84,6 @@ class RelayRollouts:
             "logprobs": [r.logprobs for r in rollouts],
             "env_mask": [r.env_mask for r in rollouts],
             "called": [bool(r.requested) for r in rollouts],
-            "call_ratio": [r.call_ratio(self.call_ratio_definition) for r in rollouts],
             "teacher_tokens": [r.teacher_tokens for r in rollouts],
         }
 
@@ -134,7 +116,13 @@ class RelayRollouts:
         return rollouts
 
     def _student_turn(
-        self, model: Any, tokenizer: Any, rollouts: list[Rollout], temperature: float | None, top_p: float, cap: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        rollouts: list[Rollout],
+        temperature: float | None,
+        top_p: float,
+        cap: int,
     ) -> None:
         import torch
 
@@ -216,10 +204,12 @@ class RelayRollouts:
         if gen.finish_reason == "stop":  # the teacher ended the answer (EOS) before N tokens
             r.done = True
 
+
 def _messages(prompt: Any) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return list(prompt)
+
 
 def _as_ids(r: Rollout) -> Rollout:
     """``apply_chat_template(tokenize=True)`` returns a list or, in transformers 5, a mapping."""
