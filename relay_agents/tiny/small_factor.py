@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from relay_agents.cache import MANIFEST, verify_manifest, write_manifest
 
@@ -106,7 +107,11 @@ def train_problems(n: int, seed: int = 0) -> list[tasks.Problem]:
 
 @dataclasses.dataclass(frozen=True)
 class StudentRecipe:
-    """The SFT student: the default student's size; no chat history (one-turn problems only)."""
+    """The SFT student, the default student's size, trained in two phases like the paper's:
+    ``pretrain_steps`` on full solutions whose hard result is in the loss only for the small
+    factor (the "pretrained" student knows those products and nothing of the rest), then
+    ``cold_start_steps`` on the relay solutions with a call on every hard step (results
+    masked), which teaches it to call everywhere."""
 
     hidden_size: int = 48
     intermediate_size: int = 64
@@ -114,27 +119,36 @@ class StudentRecipe:
     num_attention_heads: int = 3
     num_key_value_heads: int = 1
     head_dim: int = 32
-    steps: int = 600
+    pretrain_steps: int = 600
+    cold_start_steps: int = 150
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
     n_train: int = 16000
     seed: int = 2
     weight_decay: float = 0.01
-    history_fraction: float = 0.0
     versions: tuple[int, int, int] = (VARIANT_VERSION, tasks.TASK_VERSION, SMALL_FACTOR)
 
     def digest(self, teacher_digest: str) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "teacher": teacher_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def phase(self, steps: int, warmup: int, seed: int) -> Any:
+        """The :class:`~relay_agents.tiny.build.ModelRecipe` of one training phase."""
+        from .build import ModelRecipe
+
+        fields = {f.name for f in dataclasses.fields(ModelRecipe)}
+        own = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        return ModelRecipe(**{**own, "steps": steps, "warmup": warmup, "seed": seed})
+
 
 RECIPE = StudentRecipe()
 
 
-def cold_start_examples(tok, problems: list[tasks.Problem]) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels: a call before every hard result; the result is in the loss only
-    where the factor is small. The prompt is masked."""
+def examples(tok, problems: list[tasks.Problem], *, calls: bool) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (prompt masked). ``calls``: the cold-start relay solution, a call
+    before every hard result, every result masked; else the full solution, the hard result in
+    the loss only where the factor is small."""
     count = lambda text: len(tok.encode(text).ids)  # noqa: E731
     eos = tok.token_to_id("<|im_end|>")
     out = []
@@ -142,11 +156,12 @@ def cold_start_examples(tok, problems: list[tasks.Problem]) -> list[tuple[list[i
         prompt = render_chat([{"role": "user", "content": p.user_message}])
         ids = list(tok.encode(prompt).ids)
         labels = [-100] * len(ids)
-        learn_results = solvable_alone(p)
         for seg in tasks.student_segments(p, count):
+            if seg.role == "call" and not calls:
+                continue
             seg_ids = tok.encode(seg.text).ids
             ids += seg_ids
-            masked = seg.role == "teacher" and not learn_results
+            masked = seg.role == "teacher" and (calls or not solvable_alone(p))
             labels += [-100] * len(seg_ids) if masked else list(seg_ids)
         ids.append(eos)
         labels.append(eos)
@@ -175,19 +190,38 @@ def shipped_student() -> Path | None:
 
 
 def train_student(dest: Path = SHIPPED_DIR, recipe: StudentRecipe = RECIPE) -> Path:
-    """Train the SFT student with the default teacher's tokenizer and write it, sealed by its
-    manifest, to ``dest``/student."""
-    from .build import DEFAULT_RECIPE, ModelRecipe, train_model
+    """Train the SFT student (both phases) with the default teacher's tokenizer and write it,
+    sealed by its manifest, to ``dest``/student."""
+    from .build import DEFAULT_RECIPE, train_model
 
-    fields = {f.name for f in dataclasses.fields(ModelRecipe)}
-    model_recipe = ModelRecipe(**{k: v for k, v in dataclasses.asdict(recipe).items() if k in fields})
     tok = load_tokenizer(teacher_dir())
-    examples = cold_start_examples(tok, train_problems(recipe.n_train, seed=recipe.seed))
+    problems = train_problems(recipe.n_train, seed=recipe.seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         t0 = time.monotonic()
-        stats = train_model(model_recipe, tok, DEFAULT_RECIPE, examples, tmp / "student", threads=1)
+        pretrain = recipe.phase(recipe.pretrain_steps, recipe.warmup, recipe.seed)
+        stats = {
+            "pretrain": train_model(
+                pretrain,
+                tok,
+                DEFAULT_RECIPE,
+                examples(tok, problems, calls=False),
+                tmp / "pretrained",
+                threads=1,
+            )
+        }
+        cold = recipe.phase(recipe.cold_start_steps, 10, recipe.seed + 1)
+        stats["cold_start"] = train_model(
+            cold,
+            tok,
+            DEFAULT_RECIPE,
+            examples(tok, problems, calls=True),
+            tmp / "student",
+            threads=1,
+            init=tmp / "pretrained",
+        )
         stats["train_wall_seconds"] = round(time.monotonic() - t0, 1)
+        shutil.rmtree(tmp / "pretrained")
         write_manifest(
             tmp,
             {"recipe_hash": recipe.digest(_default_digest())},
