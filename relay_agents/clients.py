@@ -26,6 +26,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -1061,6 +1062,46 @@ class EndpointClient:
         finally:
             await opened.__aexit__(None, None, None)
         return collector.result()
+
+    async def asample(self, request: Request, n: int) -> list[Sample]:
+        """``n`` whole replies to one request in one call (the API's ``n``): the prompt is sent
+        and prefilled once for all of them, where ``n`` separate calls would send it ``n`` times.
+        Each reply is checked as a single one is; an API without ``n`` answers one reply, which
+        is a :class:`StreamError` here (sample it with ``n=1`` calls instead)."""
+        deadline = Deadline(self.endpoint.call_deadline_s)
+        try:
+            prefix = await self.aprompt_prefix(request) if self.endpoint.api == "completions" else None
+            api, body = self._body(request, prefix, None)
+            room = await self._afit(body, request.max_tokens)
+            if room == 0:
+                return [Sample("", "length") for _ in range(n)]
+            async for attempt in AsyncRetrying(**self._retry_args(deadline)):
+                with attempt:
+                    reply = await self.transport.post_json(self._url(api), {**self._unstreamed(body), "n": n})
+            choices = reply.get("choices") if isinstance(reply, dict) else None
+            if not isinstance(choices, list) or len(choices) != n:
+                got = len(choices) if isinstance(choices, list) else choices
+                raise StreamError(f"asked for {n} replies (n={n}), got {str(got)[:200]}")
+            return [self._sample(request, body, room, choice) for choice in choices]
+        except STREAM_ERRORS as exc:
+            served = await self._aserved() if model_missing(exc) else None
+            explain_failure(exc, self.endpoint, self.role, served)
+            raise
+
+    def _sample(self, request: Request, body: dict[str, Any], room: int | None, choice: Any) -> Sample:
+        collector = self._collector(request, None)
+        collector.fit(body[self.endpoint.max_tokens_param], room)
+        collector.add({"choices": [choice]}, whole=True)
+        return Sample(collector.text, collector.finish_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One of the ``n`` replies of :meth:`EndpointClient.asample`: its text and why it ended
+    (no token count: the usage of such a call sums all ``n`` replies)."""
+
+    text: str
+    finish_reason: str | None
 
 
 _CLIENTS: dict[tuple[Source, str], EndpointClient] = {}

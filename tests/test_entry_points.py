@@ -39,9 +39,21 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-COMMANDS = {"ask", "demo", "serve", "tutor", "calibrate", "eval"}
+COMMANDS = {"ask", "demo", "serve", "tutor", "calibrate", "eval", "train"}
+#: The subcommands of command groups, whose help must load nothing heavy either.
+SUBCOMMANDS = [["train", "filter"], ["train", "cold-start"]]
 #: What the relay itself imports; the command line loads them only when a command runs.
-HEAVY_MODULES = ("langgraph", "langchain_core", "openai", "fastapi", "uvicorn", "relay_agents.api")
+HEAVY_MODULES = (
+    "langgraph",
+    "langchain_core",
+    "openai",
+    "fastapi",
+    "uvicorn",
+    "relay_agents.api",
+    "torch",
+    "transformers",
+    "trl",
+)
 
 
 def test_help_lists_every_command_with_a_one_sentence_summary() -> None:
@@ -65,7 +77,7 @@ def test_the_command_line_loads_the_relay_only_when_a_command_runs() -> None:
         "import sys\n"
         "from relay_agents.cli import app\n"
         "loaded = [m for m in HEAVY if m in sys.modules]\n"
-        "for args in [['--help']] + [[command, '--help'] for command in COMMANDS]:\n"
+        "for args in [['--help']] + [[*command, '--help'] for command in COMMANDS]:\n"
         "    try:\n"
         "        app(args, prog_name='relay-agents')\n"
         "    except SystemExit:\n"
@@ -73,7 +85,8 @@ def test_the_command_line_loads_the_relay_only_when_a_command_runs() -> None:
         "    loaded += [m for m in HEAVY if m in sys.modules]\n"
         "print('loaded:', sorted(set(loaded)), file=sys.stderr)\n"
     )
-    setup = f"HEAVY = {HEAVY_MODULES!r}\nCOMMANDS = {sorted(COMMANDS)!r}\n"
+    commands = [[c] for c in sorted(COMMANDS)] + SUBCOMMANDS
+    setup = f"HEAVY = {HEAVY_MODULES!r}\nCOMMANDS = {commands!r}\n"
     out = run([sys.executable, "-c", setup + script], dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert "loaded: []" in out.stderr

@@ -34,6 +34,7 @@ RUNNABLE = {
     "docs/policies.md": 1,
     "docs/python.md": 3,
     "docs/server.md": 1,
+    "docs/training.md": 1,
 }
 #: the address the server snippets use; the tests serve on a free port instead
 SNIPPET_SERVER = "http://127.0.0.1:8000"
@@ -194,6 +195,13 @@ def test_the_policies_page_snippet_runs(
 
     out = capsys.readouterr().out.splitlines()
     assert out == ["student '65*7 = 4'", "teacher '55.\\n'", "student '\\\\boxed{455}'"]
+
+
+def test_the_training_page_snippet_prints_what_the_page_says(capsys: pytest.CaptureFixture[str]) -> None:
+    run_snippets(runnable("docs/training.md"))
+
+    printed = (ROOT / "docs" / "training.md").read_text().rsplit("```text\n", 1)[1].split("```")[0]
+    assert capsys.readouterr().out == printed
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -240,9 +240,18 @@ async def test_malformed_fault(srv, client):
 
 async def test_validation_errors(client):
     with pytest.raises(openai.BadRequestError):
-        await complete(client, n=2)
+        await complete(client, n=0)
+    with pytest.raises(openai.BadRequestError):
+        await complete(client, n=2, stream=True)  # n > 1 is answered whole only
     with pytest.raises(openai.BadRequestError):
         await complete(client, max_tokens=40000)
+
+
+async def test_n_replies_are_the_next_scripted_answers_in_one_body(srv, client):
+    srv.script("student", "Q7", ["one", "two", "three"])
+    resp = await complete(client, prompt="Q7", n=3)
+    assert [(c.index, c.text) for c in resp.choices] == [(0, "one"), (1, "two"), (2, "three")]
+    assert resp.usage.completion_tokens == 3 and resp.usage.prompt_tokens == len(tokenize("Q7"))
 
 
 async def test_tokenize_detokenize_round_trip(srv):

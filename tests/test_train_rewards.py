@@ -112,7 +112,10 @@ def test_requested_ratio_caps_each_n_at_4096_and_the_ratio_at_1() -> None:
 
 def record(student: int, teacher: int, calls: int, events: list[RelayEvent] | None = None) -> RelayRecord:
     return RelayRecord(
-        spans=[Span(source="student", text="s", tokens=student), Span(source="teacher", text="t", tokens=teacher)],
+        spans=[
+            Span(source="student", text="s", tokens=student),
+            Span(source="teacher", text="t", tokens=teacher),
+        ],
         usage=RelayUsage(student_tokens=student, teacher_tokens=teacher, teacher_calls=calls),
         finish_reason="stop",
         events=events or [],

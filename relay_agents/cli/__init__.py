@@ -13,6 +13,7 @@ from relay_agents.cli.calibrate import calibrate
 from relay_agents.cli.demo import demo
 from relay_agents.cli.eval import eval_command
 from relay_agents.cli.serve import serve
+from relay_agents.cli.train import train
 from relay_agents.cli.tutor import tutor
 
 app = typer.Typer(help="Relay decoding: a small student model calls a large teacher for hard steps.")
@@ -22,5 +23,6 @@ app.command()(serve)
 app.command()(tutor)
 app.command()(calibrate)
 app.command(name="eval")(eval_command)
+app.add_typer(train, name="train")
 
 __all__ = ["app"]

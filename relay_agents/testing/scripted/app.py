@@ -28,7 +28,7 @@ from .faults import (
     tamper,
     whole_body,
 )
-from .generation import generate, without_calls
+from .generation import Generation, generate, without_calls
 from .script import Replies, Script, check_item
 from .sse import stream_events
 from .tokens import Vocabulary, tokenize
@@ -41,6 +41,7 @@ from .wire import (
     parse_generation,
     read_json,
     render_prompt,
+    sampled_body,
 )
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -135,13 +136,7 @@ async def answer(
     if req.suppress_calls:
         text, probs = without_calls(text), []  # the scripted tokens moved
     name = None if fault is None else fault.name
-    gen = generate(
-        text,
-        stop=req.stop,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        max_tokens=None if name == "overrun" else req.max_tokens,
-        count_eos=state.config["usage_counts_eos"],
-    )
+    gen = _generated(state, req, text, overrun=name == "overrun")
     if name == "surrogate" and gen.pieces:
         gen.pieces[0] += LONE_SURROGATE
     if req.stream:
@@ -158,7 +153,29 @@ async def answer(
         return StreamingResponse(noting_disconnect(events, record), media_type="text/event-stream")
     if state.config["latency_s"] > 0:
         await asyncio.sleep(state.config["latency_s"])
-    return whole_body(tamper(fault)(completion_body(req, gen, probs)), fault, record)
+    body = completion_body(req, gen, probs)
+    if req.n > 1:
+        body = sampled_body([body, *(_next_body(state, req, prompt) for _ in range(req.n - 1))])
+    return whole_body(tamper(fault)(body), fault, record)
+
+
+def _generated(state: ServerState, req: GenerationRequest, text: str, *, overrun: bool = False) -> Generation:
+    return generate(
+        text,
+        stop=req.stop,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        max_tokens=None if overrun else req.max_tokens,
+        count_eos=state.config["usage_counts_eos"],
+    )
+
+
+def _next_body(state: ServerState, req: GenerationRequest, prompt: str) -> dict[str, Any]:
+    """One more of a request's ``n`` replies: the next scripted answer (faults apply to the first)."""
+    reply = state.replies.take(req.model, prompt, state.config["default_response"])
+    text, probs = reply.text, reply.probs
+    if req.suppress_calls:
+        text, probs = without_calls(text), []
+    return completion_body(req, _generated(state, req, text), probs)
 
 
 async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) -> AsyncIterator[str]:

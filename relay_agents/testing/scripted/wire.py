@@ -136,15 +136,20 @@ class GenerationRequest:
     top_logprobs: int | None  # None: no log-probabilities asked for
     id: str
     created: int
+    n: int = 1  # replies asked for (the API's ``n``): each the next scripted answer
 
 
 def parse_generation(
     body: dict[str, Any], *, chat: bool, model: str, prompt: str, vocabulary: Vocabulary, max_model_len: int
 ) -> GenerationRequest:
     """Check the generation fields of ``body`` as vLLM does; :class:`BadRequest` if one is bad."""
-    if body.get("n", 1) != 1:
-        raise BadRequest("n must be 1 on the scripted server")
+    n = _int_field(body, "n")
+    n = 1 if n is None else n
     stream = bool(body.get("stream", False))
+    if n < 1:
+        raise BadRequest("n must be at least 1")
+    if n > 1 and stream:
+        raise BadRequest("n > 1 is answered whole on the scripted server, not streamed")
     if body.get("stream_options") is not None and not stream:
         raise BadRequest("Stream options can only be defined when `stream=True`.")
     stop = _stop_list(body.get("stop"))
@@ -164,6 +169,7 @@ def parse_generation(
         top_logprobs=_requested_logprobs(body, chat),
         id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         created=int(time.time()),
+        n=n,
     )
 
 
@@ -232,3 +238,13 @@ def completion_body(req: GenerationRequest, gen: Generation, probs: list[float |
         "choices": [choice],
         "usage": usage(req, gen),
     }
+
+
+def sampled_body(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``n`` replies of one request in one body: each body's choice in order, indexed, and
+    the usage summed over them (vLLM counts the prompt once)."""
+    choices = [{**body["choices"][0], "index": i} for i, body in enumerate(bodies)]
+    completion = sum(body["usage"]["completion_tokens"] for body in bodies)
+    prompt = bodies[0]["usage"]["prompt_tokens"]
+    usage = {**bodies[0]["usage"], "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {**bodies[0], "choices": choices, "usage": usage}
