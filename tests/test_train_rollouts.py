@@ -4,16 +4,13 @@ the teacher on the wire; teacher tokens are spliced in and masked, grants and bu
 from __future__ import annotations
 
 import pytest
+import transformers
 
-pytest.importorskip("trl")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from relay_agents.core.config import Budget, Endpoint  # noqa: E402
-from relay_agents.testing import ScriptedServer  # noqa: E402
-from relay_agents.tiny import tasks  # noqa: E402
-from relay_agents.tiny.build import build_tiny_pair  # noqa: E402
-from relay_agents.train.rollouts import RelayRollouts, RolloutSettings  # noqa: E402
+from relay_agents.core.config import Budget, Endpoint
+from relay_agents.testing import ScriptedServer
+from relay_agents.tiny import tasks
+from relay_agents.tiny.build import build_tiny_pair
+from relay_agents.train.rollouts import RelayRollouts, RolloutSettings
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from relay_agents.cli.common import console, fail
 
 def grpo(
     config: Annotated[Path, typer.Option("--config", "-c", help="train.toml (docs/training.md).")],
-    max_steps: Annotated[int | None, typer.Option(help="Override [grpo] max_steps.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Override [grpo] output_dir.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Overrides max_steps of the grpo table.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Overrides output_dir of the grpo table.")] = None,
 ) -> None:
     """Train the student with GRPO; every rollout is a relay through the teacher endpoint."""
     from relay_agents.settings import ConfigError

@@ -295,12 +295,10 @@ def train_model(
     on_step: Callable[[], None] | None = None,
     *,
     threads: int = 2,
-    init: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``;
     ``on_step`` is called after every training step (a progress bar). ``threads``: torch's
-    (one is several times faster than two for a model this small on a loaded 2-core machine).
-    ``init``: a saved model to go on training (a second phase) instead of a fresh one."""
+    (one is several times faster than two for a model this small on a loaded 2-core machine)."""
     import torch
 
     previous_threads = torch.get_num_threads()
@@ -311,7 +309,7 @@ def train_model(
     # several times longer; flushing them to zero keeps the step time flat.
     torch.set_flush_denormal(True)
     try:
-        return _train_model(mr, tok, recipe, examples, out_dir, on_step, init)
+        return _train_model(mr, tok, recipe, examples, out_dir, on_step)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous_threads)
@@ -319,13 +317,7 @@ def train_model(
 
 
 def _train_model(
-    mr: ModelRecipe,
-    tok,
-    recipe: Recipe,
-    examples,
-    out_dir: Path,
-    on_step: Callable[[], None] | None,
-    init: Path | None = None,
+    mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path, on_step: Callable[[], None] | None
 ) -> dict[str, Any]:
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
@@ -333,7 +325,7 @@ def _train_model(
 
     torch.manual_seed(mr.seed)
     config = _make_config(mr, tok, recipe)
-    model = Qwen3ForCausalLM.from_pretrained(init) if init is not None else Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

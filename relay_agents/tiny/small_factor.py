@@ -3,12 +3,12 @@
 The default tiny student never learns a product (its loss is masked on every hard result), so
 it must call on every problem and the teacher share is fixed by the task. Here half of the
 hard steps have the small factor 3 (``A*3``, A in 34..99: 66 products), the rest B in 4..9 as
-in the default task. The cold-start data still puts ``<call>4</call>`` before EVERY hard
-result, but the student's loss covers the teacher's result when the factor is 3, so it learns
-those 66 products (the "solvable alone" part) and none of the other 498. The SFT student
-therefore calls on every hard step, also where it could go alone: what GRPO with the
-difficulty-aware reward should cut (docs/training.md). The teacher is the default recipe's
-(it learned all 564 products), so the variant needs no teacher of its own.
+in the default task. The student knows the 66 small-factor products from part of its SFT data
+(full solutions written alone, standing for what a pretrained student knows) and none of the
+other 498; its cold-start data puts ``<call>4</call>`` before EVERY hard result. Decoding
+greedily, the SFT student therefore calls on every hard step, also where it could go alone:
+what GRPO with the difficulty-aware reward should cut (docs/training.md). The teacher is the
+default recipe's (it learned all 564 products), so the variant needs no teacher of its own.
 
 The SFT student ships in ``small_factor_weights/`` (the model directory and a
 ``manifest.json`` with the recipe, its hash and every file's SHA-256), like the default
@@ -107,11 +107,13 @@ def train_problems(n: int, seed: int = 0) -> list[tasks.Problem]:
 
 @dataclasses.dataclass(frozen=True)
 class StudentRecipe:
-    """The SFT student, the default student's size, trained in two phases like the paper's:
-    ``pretrain_steps`` on full solutions whose hard result is in the loss only for the small
-    factor (the "pretrained" student knows those products and nothing of the rest), then
-    ``cold_start_steps`` on the relay solutions with a call on every hard step (results
-    masked), which teaches it to call everywhere."""
+    """The SFT student: the default student's size and optimiser, one training run.
+
+    ``alone_share`` of the small-factor problems are full solutions written without a call,
+    their product in the loss: what a real student knows before its cold start (a pretrained
+    model solves part of the problems alone). Every other example is the cold-start relay
+    solution, a call before the hard result and the result masked.
+    """
 
     hidden_size: int = 48
     intermediate_size: int = 64
@@ -119,54 +121,54 @@ class StudentRecipe:
     num_attention_heads: int = 3
     num_key_value_heads: int = 1
     head_dim: int = 32
-    pretrain_steps: int = 600
-    cold_start_steps: int = 150
+    steps: int = 800
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
     n_train: int = 16000
     seed: int = 2
     weight_decay: float = 0.01
+    alone_share: float = 0.3
     versions: tuple[int, int, int] = (VARIANT_VERSION, tasks.TASK_VERSION, SMALL_FACTOR)
 
     def digest(self, teacher_digest: str) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "teacher": teacher_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def phase(self, steps: int, warmup: int, seed: int) -> Any:
-        """The :class:`~relay_agents.tiny.build.ModelRecipe` of one training phase."""
+    def model_recipe(self) -> Any:
+        """The :class:`~relay_agents.tiny.build.ModelRecipe` that trains it."""
         from .build import ModelRecipe
 
         fields = {f.name for f in dataclasses.fields(ModelRecipe)}
-        own = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
-        return ModelRecipe(**{**own, "steps": steps, "warmup": warmup, "seed": seed})
+        return ModelRecipe(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 
 RECIPE = StudentRecipe()
 
 
-def examples(tok, problems: list[tasks.Problem], *, calls: bool) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels (prompt masked). ``calls``: the cold-start relay solution, a call
-    before every hard result, every result masked; else the full solution, the hard result in
-    the loss only where the factor is small."""
+def example(tok, problem: tasks.Problem, *, call: bool) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt masked). ``call``: the cold-start relay solution, a call
+    before the hard result, the result masked; else the full solution, all in the loss."""
     count = lambda text: len(tok.encode(text).ids)  # noqa: E731
+    prompt = render_chat([{"role": "user", "content": problem.user_message}])
+    ids = list(tok.encode(prompt).ids)
+    labels = [-100] * len(ids)
+    for seg in tasks.student_segments(problem, count):
+        if seg.role == "call" and not call:
+            continue
+        seg_ids = tok.encode(seg.text).ids
+        ids += seg_ids
+        labels += [-100] * len(seg_ids) if call and seg.role == "teacher" else list(seg_ids)
     eos = tok.token_to_id("<|im_end|>")
-    out = []
-    for p in problems:
-        prompt = render_chat([{"role": "user", "content": p.user_message}])
-        ids = list(tok.encode(prompt).ids)
-        labels = [-100] * len(ids)
-        for seg in tasks.student_segments(p, count):
-            if seg.role == "call" and not calls:
-                continue
-            seg_ids = tok.encode(seg.text).ids
-            ids += seg_ids
-            masked = seg.role == "teacher" and (calls or not solvable_alone(p))
-            labels += [-100] * len(seg_ids) if masked else list(seg_ids)
-        ids.append(eos)
-        labels.append(eos)
-        out.append((ids, labels))
-    return out
+    return [*ids, eos], [*labels, eos]
+
+
+def examples(tok, problems: list[tasks.Problem], recipe: StudentRecipe) -> list[tuple[list[int], list[int]]]:
+    """The SFT mix: ``alone_share`` of the small-factor problems solved alone, the rest cold start."""
+    rng = random.Random(recipe.seed)
+    return [
+        example(tok, p, call=not (solvable_alone(p) and rng.random() < recipe.alone_share)) for p in problems
+    ]
 
 
 def teacher_dir() -> Path:
@@ -190,38 +192,17 @@ def shipped_student() -> Path | None:
 
 
 def train_student(dest: Path = SHIPPED_DIR, recipe: StudentRecipe = RECIPE) -> Path:
-    """Train the SFT student (both phases) with the default teacher's tokenizer and write it,
-    sealed by its manifest, to ``dest``/student."""
+    """Train the SFT student with the default teacher's tokenizer and write it, sealed by its
+    manifest, to ``dest``/student."""
     from .build import DEFAULT_RECIPE, train_model
 
     tok = load_tokenizer(teacher_dir())
-    problems = train_problems(recipe.n_train, seed=recipe.seed)
+    data = examples(tok, train_problems(recipe.n_train, seed=recipe.seed), recipe)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         t0 = time.monotonic()
-        pretrain = recipe.phase(recipe.pretrain_steps, recipe.warmup, recipe.seed)
-        stats = {
-            "pretrain": train_model(
-                pretrain,
-                tok,
-                DEFAULT_RECIPE,
-                examples(tok, problems, calls=False),
-                tmp / "pretrained",
-                threads=1,
-            )
-        }
-        cold = recipe.phase(recipe.cold_start_steps, 10, recipe.seed + 1)
-        stats["cold_start"] = train_model(
-            cold,
-            tok,
-            DEFAULT_RECIPE,
-            examples(tok, problems, calls=True),
-            tmp / "student",
-            threads=1,
-            init=tmp / "pretrained",
-        )
+        stats = train_model(recipe.model_recipe(), tok, DEFAULT_RECIPE, data, tmp / "student", threads=1)
         stats["train_wall_seconds"] = round(time.monotonic() - t0, 1)
-        shutil.rmtree(tmp / "pretrained")
         write_manifest(
             tmp,
             {"recipe_hash": recipe.digest(_default_digest())},

@@ -38,6 +38,19 @@ class DataSettings(BaseModel):
     user_template: str = DEFAULT_USER_TEMPLATE
 
 
+class FilterSettings(BaseModel):
+    """The teacher-pass filter the training set goes through first (``relay-agents train filter``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    k: int = Field(default=16, ge=1)
+    rule: str = Field(default="any", description="'any' or 'max-failures:F/S'.")
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    out: Path | None = Field(default=None, description="Kept problems; default DATA.kept.jsonl.")
+
+
 class RewardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +59,7 @@ class RewardSettings(BaseModel):
 
 
 class GRPOSettings(BaseModel):
-    """``train.toml``: ``[student]``, ``[teacher]`` (an endpoint), ``[data]``, ``[reward]``,
+    """``train.toml``: ``[student]``, ``[teacher]`` (an endpoint), ``[data]``, ``[filter]``, ``[reward]``,
     ``[rollout]`` (with ``[rollout.budget]``) and ``[grpo]``, which is TRL's ``GRPOConfig`` as is."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +67,7 @@ class GRPOSettings(BaseModel):
     student: StudentSettings
     teacher: Endpoint
     data: DataSettings
+    filter: FilterSettings = Field(default_factory=FilterSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     grpo: dict[str, Any] = Field(default_factory=dict)
@@ -124,18 +138,61 @@ def _text(completion: Any) -> str:
     return "".join(str(m.get("content") or "") for m in completion)
 
 
-def load_prompts(data: DataSettings) -> Any:
+def filtered_data(settings: GRPOSettings) -> Path:
+    """The training set after the teacher-pass filter (resumed if run before), every column of
+    a kept line as it was; the data file itself when the filter is off."""
+    import asyncio
+    import json
+
+    from relay_agents.core.config import RelayConfig
+    from relay_agents.eval.data import load_jsonl
+    from relay_agents.train.filter import FilterOptions, parse_rule, run_filter
+
+    path = settings.data.path
+    if not settings.filter.enabled:
+        return path
+    options = settings.filter
+    out = options.out or path.with_name(f"{path.stem}.kept.jsonl")
+    # the filter samples the teacher only; the relay config is its carrier
+    config = RelayConfig(
+        student=settings.teacher, teacher=settings.teacher, user_template=settings.data.user_template
+    )
+    summary = asyncio.run(
+        run_filter(
+            config,
+            load_jsonl(path),
+            out,
+            FilterOptions(
+                k=options.k,
+                rule=parse_rule(options.rule),
+                temperature=options.temperature,
+                top_p=options.top_p,
+            ),
+        )
+    )
+    if summary.failed:
+        raise RuntimeError(f"the filter failed on {len(summary.failed)} problems; run again to retry them")
+    kept = {json.loads(line)["id"] for line in out.read_text().splitlines() if line.strip()}
+    training = out.with_name(f"{out.stem}.train.jsonl")
+    with training.open("w") as f:
+        for number, line in enumerate(path.read_text().splitlines(), 1):  # load_jsonl's numbering
+            if line.strip() and str(json.loads(line).get("id", number)) in kept:
+                f.write(line + "\n")
+    return training
+
+
+def load_prompts(path: Path, user_template: str) -> Any:
     """The problems as a ``datasets.Dataset`` with a conversational ``prompt`` column."""
     import json
 
     from datasets import Dataset
 
     rows = []
-    for line in data.path.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
-        content = data.user_template.replace("{question}", str(row["question"]))
+        content = user_template.replace("{question}", str(row["question"]))
         rows.append({**row, "answer": str(row["answer"]), "prompt": [{"role": "user", "content": content}]})
     return Dataset.from_list(rows)
 
@@ -156,7 +213,7 @@ def build_trainer(settings: GRPOSettings, *, grpo_overrides: Mapping[str, Any] |
         model=settings.student.model,
         reward_funcs=[RelayMetrics(reward)],
         args=args,
-        train_dataset=load_prompts(settings.data),
+        train_dataset=load_prompts(filtered_data(settings), settings.data.user_template),
         rollout_func=rollouts,
     )
 
