@@ -2,9 +2,11 @@
 
 The student is the trainer's own model (transformers ``generate``, one batch over every open
 rollout per turn, stopped at ``</call>``), so the rollouts always come from the current
-policy without a weight sync; the teacher is any OpenAI-compatible endpoint reached through
-relay-agents' :class:`~relay_agents.clients.EndpointClient` (the relay protocol's teacher view,
-``max_tokens`` = the grant). Each call is granted by :func:`relay_agents.core.grants.grant`
+policy without a weight sync, or, with TRL's vLLM server (``use_vllm``, ``vllm_mode="server"``),
+that server, which TRL syncs with the policy before each batch of rollouts. The teacher is any
+OpenAI-compatible endpoint reached through relay-agents'
+:class:`~relay_agents.clients.EndpointClient` (the relay protocol's teacher view, ``max_tokens``
+= the grant). Each call is granted by :func:`relay_agents.core.grants.grant`
 against the call cap, the answer's tokens left and the answer's teacher budget, as in a served
 relay. The teacher's text is re-encoded with the student's tokenizer and spliced into the
 completion with ``env_mask`` 0, which TRL's GRPOTrainer multiplies into the loss mask: the
@@ -70,8 +72,15 @@ class RelayRollouts:
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         args = trainer.args
+        student: Any = trainer.model
+        if args.use_vllm:
+            if args.vllm_mode != "server":
+                raise ValueError(
+                    "relay rollouts sample the student from TRL's vLLM server: vllm_mode='server'"
+                )
+            student = trainer.vllm_generation.vllm_client
         rollouts = self.run(
-            trainer.model,
+            student,
             trainer.processing_class,
             [_messages(p) for p in prompts],
             temperature=args.temperature,
@@ -89,7 +98,7 @@ class RelayRollouts:
 
     def run(
         self,
-        model: Any,
+        student: Any,
         tokenizer: Any,
         conversations: Sequence[list[Message]],
         *,
@@ -97,7 +106,8 @@ class RelayRollouts:
         top_p: float = 1.0,
         max_tokens: int | None = None,
     ) -> list[Rollout]:
-        """Relay every conversation to its end; ``temperature`` ``None`` or 0 decodes greedily."""
+        """Relay every conversation to its end; ``student`` is the model or TRL's vLLM client;
+        ``temperature`` ``None`` or 0 decodes greedily."""
         cap = min(max_tokens or self.settings.max_answer_tokens, self.settings.max_answer_tokens)
         rollouts = [
             Rollout(list(m), tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True))
@@ -109,7 +119,7 @@ class RelayRollouts:
                 open_ = [r for r in rollouts if not r.done and len(r.completion_ids) < cap]
                 if not open_:
                     break
-                self._student_turn(model, tokenizer, open_, temperature, top_p, cap)
+                self._student_turn(student, tokenizer, open_, temperature, top_p, cap)
                 last_turn = turn == self.settings.max_turns - 1
                 calls = [r for r in open_ if not r.done and not last_turn]
                 list(pool.map(lambda r: self._teacher_call(tokenizer, r, cap), calls))
@@ -117,52 +127,25 @@ class RelayRollouts:
 
     def _student_turn(
         self,
-        model: Any,
+        student: Any,
         tokenizer: Any,
         rollouts: list[Rollout],
         temperature: float | None,
         top_p: float,
         cap: int,
     ) -> None:
-        import torch
-
-        pad = tokenizer.pad_token_id
+        """One student turn of every rollout in ``rollouts``: ``student`` is the model, or TRL's
+        vLLM server client (``trl vllm-serve``, which TRL keeps in sync with the policy)."""
         contexts = [r.prompt_ids + r.completion_ids for r in rollouts]
-        width = max(map(len, contexts))
-        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(contexts), width), dtype=torch.long)
-        for i, ctx in enumerate(contexts):  # left padding: every row ends where generation starts
-            ids[i, width - len(ctx) :] = torch.tensor(ctx)
-            attention[i, width - len(ctx) :] = 1
         room = max(1, cap - min(len(r.completion_ids) for r in rollouts))
-        sample = bool(temperature)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=attention.to(model.device),
-                max_new_tokens=room,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
-                top_k=0 if sample else None,
-                stop_strings=[CALL_CLOSE],
-                tokenizer=tokenizer,
-                pad_token_id=pad,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        if was_training:
-            model.train()
+        if hasattr(student, "update_named_params"):  # TRL's VLLMClient
+            outputs = _vllm_generate(student, contexts, temperature, top_p, room)
+        else:
+            outputs = _local_generate(student, tokenizer, contexts, temperature, top_p, room)
         eos = tokenizer.eos_token_id
-        for i, r in enumerate(rollouts):
-            new = out.sequences[i, width:].tolist()
-            logps = scores[i].tolist()
-            room_left = cap - len(r.completion_ids)
+        for r, (new, logps) in zip(rollouts, outputs, strict=True):
             kept, text = [], ""
-            for tok in new[:room_left]:
+            for tok in new[: cap - len(r.completion_ids)]:
                 kept.append(tok)
                 if tok == eos:
                     r.done = True
@@ -203,6 +186,62 @@ class RelayRollouts:
         r.text += tokenizer.decode(ids)
         if gen.finish_reason == "stop":  # the teacher ended the answer (EOS) before N tokens
             r.done = True
+
+
+def _local_generate(
+    model: Any, tokenizer: Any, contexts: list[list[int]], temperature: float | None, top_p: float, room: int
+) -> list[tuple[list[int], list[float]]]:
+    """New tokens and their log-probabilities from transformers ``generate`` (left-padded batch)."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    width = max(map(len, contexts))
+    ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(contexts), width), dtype=torch.long)
+    for i, ctx in enumerate(contexts):  # left padding: every row ends where generation starts
+        ids[i, width - len(ctx) :] = torch.tensor(ctx)
+        attention[i, width - len(ctx) :] = 1
+    sample = bool(temperature)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=attention.to(model.device),
+            max_new_tokens=room,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=0 if sample else None,
+            stop_strings=[CALL_CLOSE],
+            tokenizer=tokenizer,
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    if was_training:
+        model.train()
+    return [(out.sequences[i, width:].tolist(), scores[i].tolist()) for i in range(len(contexts))]
+
+
+def _vllm_generate(
+    client: Any, contexts: list[list[int]], temperature: float | None, top_p: float, room: int
+) -> list[tuple[list[int], list[float]]]:
+    """New tokens and their log-probabilities from TRL's vLLM server client (token-id prompts,
+    stopped after ``</call>``)."""
+    out = client.generate(
+        prompts=contexts,
+        temperature=temperature or 0.0,
+        top_p=top_p,
+        max_tokens=room,
+        logprobs=0,
+        generation_kwargs={"stop": [CALL_CLOSE], "include_stop_str_in_output": True},
+    )
+    return [
+        (ids, [token[0] for token in logps])
+        for ids, logps in zip(out["completion_ids"], out["logprobs"], strict=True)
+    ]
 
 
 def _messages(prompt: Any) -> list[Message]:

@@ -45,13 +45,13 @@ class ClaimSettings:
     prompts_per_step: int
     num_generations: int
     eval_problems: int
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     temperature: float = 1.0
     train_problems: int = 2000
     seed: int = 0
 
 
-FULL = ClaimSettings(steps=60, prompts_per_step=16, num_generations=8, eval_problems=400)
+FULL = ClaimSettings(steps=40, prompts_per_step=16, num_generations=8, eval_problems=400)
 SHORT = ClaimSettings(steps=20, prompts_per_step=8, num_generations=8, eval_problems=100)
 
 
