@@ -45,7 +45,7 @@ class ClaimSettings:
     prompts_per_step: int
     num_generations: int
     eval_problems: int
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-4
     temperature: float = 1.0
     train_problems: int = 2000
     seed: int = 0
