@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relay_agents.core.config import DEFAULT_USER_TEMPLATE, Endpoint
 from relay_agents.settings import load_settings
-from relay_agents.train.rewards import RelayReward
+from relay_agents.train.rewards import RelayReward, _text
 from relay_agents.train.rollouts import RelayRollouts, RolloutSettings
 
 RewardKind = Literal["group", "oracle", "correctness"]
@@ -130,12 +130,6 @@ class RelayMetrics:
         return self.reward(
             prompts, completions, completion_ids, answer=answer, correct=correct, called=called, **kwargs
         )
-
-
-def _text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m.get("content") or "") for m in completion)
 
 
 def filtered_data(settings: GRPOSettings) -> Path:

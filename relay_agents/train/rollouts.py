@@ -52,7 +52,6 @@ class Rollout:
     text: str = ""
     requested: list[int] = field(default_factory=list)
     spend: Spend = field(default_factory=Spend)
-    turns: int = 0
     done: bool = False
 
     @property
@@ -157,7 +156,6 @@ class RelayRollouts:
             r.env_mask += [1] * len(kept)
             r.logprobs += [float(x) for x in logps[: len(kept)]]
             r.text += tokenizer.decode(kept, skip_special_tokens=True)
-            r.turns += 1
             if not r.done and parse_call(r.text) is None:
                 r.done = True  # ended by the length cap without a call
 
