@@ -180,7 +180,7 @@ def test_confidence_splices_the_teacher_where_the_student_was_unsure(
         )
     )
     out = tmp_path / "sft.jsonl"
-    options = ColdStartOptions(method="confidence", threshold=0.5, call_tokens=3)
+    options = ColdStartOptions(method="confidence", threshold=0.5, call_tokens=3, grade_workers=1)
     summary = asyncio.run(run_cold_start(relay_config(scripted), dataset, out, options))
     assert (summary.written, summary.incorrect, summary.failed) == (1, 1, {})
     (row,) = map(json.loads, out.read_text().splitlines())
@@ -203,7 +203,7 @@ def test_random_inserts_commands_into_the_students_own_answer(
     scripted.script("student", "R-1", [ANSWER])
     dataset = load_jsonl(data(tmp_path, {"id": "r", "question": "R-1 47*6+8?", "answer": "290"}))
     out = tmp_path / "sft.jsonl"
-    options = ColdStartOptions(method="random", calls=2, call_tokens=3, seed=5)
+    options = ColdStartOptions(method="random", calls=2, call_tokens=3, seed=5, grade_workers=1)
     summary = asyncio.run(run_cold_start(relay_config(scripted), dataset, out, options, tokenizer=tokenizer))
     assert summary.written == 1
     (row,) = map(json.loads, out.read_text().splitlines())

@@ -83,7 +83,7 @@ def test_k_answers_in_one_request_are_graded_and_split_by_the_rule(
 ) -> None:
     data = load_jsonl(setup(scripted, tmp_path))
     out = tmp_path / "kept.jsonl"
-    options = FilterOptions(k=4, rule=parse_rule("max-failures:1/2"))
+    options = FilterOptions(k=4, rule=parse_rule("max-failures:1/2"), grade_workers=1)
     seen: list[dict] = []
     summary = asyncio.run(run_filter(relay_config(scripted), data, out, options, on_done=seen.append))
     assert (summary.kept, summary.dropped, summary.resumed, summary.failed) == (1, 2, 0, {})
@@ -116,7 +116,7 @@ def test_k_answers_in_one_request_are_graded_and_split_by_the_rule(
 def test_a_rerun_resumes_and_other_settings_are_refused(scripted: ScriptedServer, tmp_path: Path) -> None:
     data = load_jsonl(setup(scripted, tmp_path))
     out = tmp_path / "kept.jsonl"
-    options = FilterOptions(k=4, rule=parse_rule("any"))
+    options = FilterOptions(k=4, rule=parse_rule("any"), grade_workers=1)
     first = asyncio.run(run_filter(relay_config(scripted), data, out, options))
     assert (first.kept, first.dropped) == (2, 1)
     before = len(generations(scripted))
@@ -134,7 +134,7 @@ def test_one_answer_per_request_seeds_each_and_a_failing_problem_is_retried_late
     out = tmp_path / "kept.jsonl"
     config = relay_config(scripted, teacher={"seed": 10, "max_retries": 0})
     scripted.faults("teacher", ["400"])
-    options = FilterOptions(k=4, per_request=1, concurrency=1)
+    options = FilterOptions(k=4, per_request=1, concurrency=1, grade_workers=1)
     summary = asyncio.run(run_filter(config, data, out, options))
     assert len(summary.failed) == 1 and summary.kept + summary.dropped == 2
     sent = generations(scripted)
@@ -142,6 +142,19 @@ def test_one_answer_per_request_seeds_each_and_a_failing_problem_is_retried_late
     assert sorted({r["body"]["seed"] for r in sent}) == [10, 11, 12, 13]
     retried = asyncio.run(run_filter(config, data, out, options))
     assert retried.failed == {} and retried.resumed == 2 and retried.kept + retried.dropped == 1
+
+
+def test_requests_of_a_problem_with_a_seeded_teacher_get_their_own_seeds(
+    scripted: ScriptedServer, tmp_path: Path
+) -> None:
+    dataset = load_jsonl(setup(scripted, tmp_path))
+    config = relay_config(scripted, teacher={"seed": 3})
+    options = FilterOptions(k=4, per_request=3, grade_workers=1)
+    summary = asyncio.run(run_filter(config, dataset, tmp_path / "kept.jsonl", options))
+    assert summary.kept + summary.dropped == 3
+    sent = [(r["body"]["n"], r["body"]["seed"]) for r in generations(scripted) if "F-1" in r["prompt"]]
+    assert sorted(sent) == [(1, 4), (3, 3)]  # 4 answers: a request of 3, then one of 1
+    assert rows(tmp_path / "kept.jsonl")["f1"]["teacher_passes"] == 4
 
 
 def test_the_command_filters_resumes_and_refuses_a_bad_rule(scripted: ScriptedServer, tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ class FilterOptions:
     top_p: float = 0.95
     per_request: int | None = None
     """Answers asked for in one request (the API's ``n``); ``None``: all ``k``. 1 for an API
-    without ``n``: each answer is then its own request, sample ``j`` seeded ``seed + j``."""
+    without ``n``. With a seeded endpoint, request ``j`` of a problem is seeded ``seed + j``."""
     max_tokens: int | None = None
     """The cap on each answer (``None``: the config's ``max_answer_tokens``)."""
     concurrency: int = 8
@@ -137,21 +137,19 @@ def teacher_endpoint(config: RelayConfig, options: FilterOptions) -> Endpoint:
 
 
 async def _samples(client: EndpointClient, request: Request, options: FilterOptions) -> list[Sample]:
-    """``k`` answers in requests of ``per_request`` each (the last one may ask for fewer)."""
+    """``k`` answers in requests of ``per_request`` each (the last one may ask for fewer); with
+    a seeded endpoint, request ``j`` is seeded ``seed + j`` (the same seed would repeat them)."""
     per = options.per_request or options.k
     sizes = [min(per, options.k - start) for start in range(0, options.k, per)]
-    if per > 1:
-        batches = await asyncio.gather(*(client.asample(request, size) for size in sizes))
-        return [sample for batch in batches for sample in batch]
     seed = client.endpoint.seed
     clients = [
         client
-        if seed is None
+        if seed is None or j == 0
         else EndpointClient(client.endpoint.model_copy(update={"seed": seed + j}), "teacher")
-        for j in range(options.k)
+        for j in range(len(sizes))
     ]
     try:
-        batches = await asyncio.gather(*(c.asample(request, 1) for c in clients))
+        batches = await asyncio.gather(*(c.asample(request, n) for c, n in zip(clients, sizes, strict=True)))
     finally:
         for other in clients:
             if other is not client:
