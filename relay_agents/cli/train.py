@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 import typer
 
 from relay_agents.cli.common import ConfigOption, configured, console, errors, fail, load, tiny_pair
+from relay_agents.cli.train_grpo import grpo
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from relay_agents.core.config import RelayConfig
     from relay_agents.eval import Dataset
 
-train = typer.Typer(help="Prepare a relay student's training: teacher-pass filter and cold-start SFT data.")
+train = typer.Typer(
+    help="Train a relay student: teacher-pass filter, cold-start SFT data, GRPO with relay rollouts."
+)
 
 Result = TypeVar("Result")
 
@@ -246,3 +249,6 @@ def _load_tokenizer(directory: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:
         raise fail(f"cannot load the tokenizer in {directory}: {exc}", 2) from None
+
+
+train.command(name="grpo")(grpo)

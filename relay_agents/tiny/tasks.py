@@ -103,17 +103,27 @@ B_RANGE = (3, 9)
 N_EASY = (3, 4)
 
 
-def make_problem(rng: random.Random, *, n_easy: tuple[int, int] = N_EASY) -> Problem:
-    """Draw one problem from ``rng``.
-
-    Easy steps add or subtract one digit without a carry or borrow (only the last digit
-    of the running total changes), so a small model learns them quickly.
-    """
+def draw_factors(rng: random.Random) -> tuple[int, int]:
+    """The hard step's factors: A in :data:`A_RANGE`, B in :data:`B_RANGE`, a three-digit product."""
     while True:
         a = rng.randint(*A_RANGE)
         b = rng.randint(*B_RANGE)
         if 100 <= a * b <= 999:
-            break
+            return a, b
+
+
+def make_problem(
+    rng: random.Random,
+    *,
+    n_easy: tuple[int, int] = N_EASY,
+    factors: Callable[[random.Random], tuple[int, int]] = draw_factors,
+) -> Problem:
+    """Draw one problem from ``rng``; ``factors`` draws the hard step (a task variant's own mix).
+
+    Easy steps add or subtract one digit without a carry or borrow (only the last digit
+    of the running total changes), so a small model learns them quickly.
+    """
+    a, b = factors(rng)
     total = a * b
     steps = [Step(f"{a}*{b}", total, hard=True)]
     terms = [f"{a}*{b}"]
