@@ -215,13 +215,14 @@ def read_stats(pair: TinyPair) -> dict[str, Any]:
 
 
 def _encode_segments(tok, prompt: str, segments: list[tasks.Segment], *, student: bool):
-    """Token ids and labels; the prompt (and, for the student, teacher segments) is masked."""
+    """Token ids and labels; the prompt and ``prompt`` segments (text between turns, such as a
+    tool's result) and, for the student, teacher segments are masked."""
     ids = list(tok.encode(prompt).ids)
     labels = [-100] * len(ids)
     for seg in segments:
         seg_ids = tok.encode(seg.text).ids
         ids += seg_ids
-        masked = student and seg.role == "teacher"
+        masked = seg.role == "prompt" or (student and seg.role == "teacher")
         labels += [-100] * len(seg_ids) if masked else list(seg_ids)
     eos = tok.token_to_id(IM_END)
     ids.append(eos)
@@ -293,9 +294,12 @@ def train_model(
     examples,
     out_dir: Path,
     on_step: Callable[[], None] | None = None,
+    *,
+    save_tokenizer_files: Callable[[Any, Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``;
-    ``on_step`` is called after every training step (a progress bar)."""
+    ``on_step`` is called after every training step (a progress bar). ``save_tokenizer_files``
+    writes a variant's tokenizer files (its chat template); default: the tiny world's."""
     import torch
 
     threads = torch.get_num_threads()
@@ -306,7 +310,7 @@ def train_model(
     # several times longer; flushing them to zero keeps the step time flat.
     torch.set_flush_denormal(True)
     try:
-        return _train_model(mr, tok, recipe, examples, out_dir, on_step)
+        return _train_model(mr, tok, recipe, examples, out_dir, on_step, save_tokenizer_files)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
@@ -314,7 +318,13 @@ def train_model(
 
 
 def _train_model(
-    mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path, on_step: Callable[[], None] | None
+    mr: ModelRecipe,
+    tok,
+    recipe: Recipe,
+    examples,
+    out_dir: Path,
+    on_step: Callable[[], None] | None,
+    save_tokenizer_files: Callable[[Any, Path], None] | None,
 ) -> dict[str, Any]:
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
@@ -391,7 +401,10 @@ def _train_model(
         bos_token_id=config.bos_token_id,
         do_sample=False,
     ).save_pretrained(out_dir)
-    save_tokenizer(tok, out_dir, model_max_length=recipe.max_position_embeddings)
+    if save_tokenizer_files is not None:
+        save_tokenizer_files(tok, out_dir)
+    else:
+        save_tokenizer(tok, out_dir, model_max_length=recipe.max_position_embeddings)
     tail = losses[-20:]
     return {
         "params": params,

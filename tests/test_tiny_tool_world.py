@@ -1,0 +1,106 @@
+"""The tiny world's tool variant: its task, its chat template (the same text from the relay's
+renderer, from Transformers as vLLM renders, and in training), its tokenizer and its shipped build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from relay_agents.prompts import ChatTemplate
+from relay_agents.tiny import tasks
+from relay_agents.tiny import tool_world as tw
+from relay_agents.tiny.tokenizer import IM_END, save_tokenizer
+
+
+def test_a_problem_is_the_default_task_with_its_first_factor_as_a_product() -> None:
+    problems = tw.eval_problems(50)
+    assert len({p.question for p in problems}) == 50
+    for p in problems:
+        a, b = p.hard.lhs.split("*")
+        assert p.x * p.y == int(a) and 2 <= p.x <= 9 and p.y >= 2
+        assert p.question.startswith(f"Compute {p.x}*{p.y}*{b} ")
+        assert p.question.endswith(p.base.question.split(p.hard.lhs, 1)[1])
+    held_out = {p.question for p in tw.eval_problems(tw.EVAL_RESERVE)}
+    assert not held_out & {p.question for p in tw.train_problems(500)}
+
+
+def test_the_conversation_the_student_is_trained_on() -> None:
+    p = tw.ToolProblem(x=4, y=13, base=tasks.Problem("Compute 52*6 + 5 - 3.", 314, _steps()))
+    text = tw.render(tw.conversation(p)[:1]) + "".join(s.text for s in tw.segments(p, student=True)) + IM_END
+    assert text == (
+        "<|im_start|>system\n<tools>\nmultiply(a, b)\n</tools><|im_end|>\n"
+        "<|im_start|>user\nCompute 4*13*6 + 5 - 3.\n" + tasks.INSTRUCTION + "<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 4, "b": 13}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n52\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n4*13 = 52\n52*6 =<call>4</call> 312\n312 + 5 = 317\n317 - 3 = 314\n"
+        "\\boxed{314}<|im_end|>"
+    )
+    roles = [s.role for s in tw.segments(p, student=True)]
+    assert roles == ["student", "prompt", "student", "call", "teacher", "student"]
+    assert "<call>" not in "".join(s.text for s in tw.segments(p, student=False))
+
+
+def _steps() -> tuple[tasks.Step, ...]:
+    return (
+        tasks.Step("52*6", 312, hard=True),
+        tasks.Step("312 + 5", 317, hard=False),
+        tasks.Step("317 - 3", 314, hard=False),
+    )
+
+
+def test_the_relay_and_transformers_render_the_template_alike(tmp_path: Path) -> None:
+    """vLLM's chat/completions renders with Transformers; the relay with its own Jinja: the same
+    text, for arguments as the OpenAI wire sends them (a JSON string) and parsed (an object), with
+    a system message, two tool calls and two results."""
+    save_tokenizer(tw.build_tokenizer(tw.default_recipe()), tmp_path, chat_template=tw.TOOL_CHAT_TEMPLATE)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    ours = ChatTemplate.from_tokenizer_dir(tmp_path)
+    p = tw.eval_problems(1)[0]
+    wire = tw.conversation(p)
+    wire[1]["tool_calls"][0]["function"]["arguments"] = json.dumps(tw.tool_arguments(p))
+    two = [
+        {"role": "system", "content": "Be brief."},
+        *wire[:2],
+        {**wire[2]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "7"},
+        {"role": "assistant", "content": "done"},
+    ]
+    for messages in (tw.conversation(p), wire, two, tw.conversation(p)[:1]):
+        for tools in ([tw.MULTIPLY_TOOL], None):
+            expected = hf.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
+            assert ours.render(messages, tools=tools) == expected
+    assert ours.render(tw.conversation(p), tools=[tw.MULTIPLY_TOOL]) == tw.render(tw.conversation(p))
+    assert "Be brief.\n\n<tools>\n" in ours.render(two, tools=[tw.MULTIPLY_TOOL])
+
+
+def test_the_tokenizer_writes_the_tool_markup_and_json_whole() -> None:
+    tok = tw.build_tokenizer(tw.default_recipe())
+    call = tw.tool_call_text(tw.eval_problems(1)[0])
+    assert tok.decode(tok.encode(call).ids, skip_special_tokens=False) == call
+    for tag in tw.TOOL_TOKENS:
+        assert tok.encode(tag).ids == [tok.token_to_id(tag)]
+    text = '{"name": "x", "arguments": {"q": "a \\"quoted\\" [list]", "n": [1, 2.5, null, true]}}'
+    assert tok.decode(tok.encode(text).ids) == text
+    assert len(tok.encode(" 312").ids) == 4  # the student's <call>4</call>: a space and three digits
+
+
+def test_the_shipped_build_verifies_and_its_tokenizer_rebuilds_byte_for_byte(tmp_path: Path) -> None:
+    recipe = tw.default_recipe()
+    assert tw.verify(tw.SHIPPED_DIR, recipe), "rebuild and ship: python -m relay_agents.tiny.tool_world ship"
+    assert tw.shipped_dir() == tw.SHIPPED_DIR
+    save_tokenizer(
+        tw.build_tokenizer(recipe),
+        tmp_path,
+        chat_template=tw.TOOL_CHAT_TEMPLATE,
+        ordinary_tokens=tw.ORDINARY_TOKENS,
+    )
+    for name in tw.MODEL_NAMES:
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert (tmp_path / file).read_bytes() == (tw.SHIPPED_DIR / name / file).read_bytes(), file
+    total = sum(f.stat().st_size for f in tw.SHIPPED_DIR.rglob("*") if f.is_file())
+    assert total < 5 * 2**20
