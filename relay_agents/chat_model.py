@@ -27,8 +27,13 @@ the budget store; inside a LangGraph graph the parent run's ``thread_id`` is use
 does not pass the thread to a chat model, so name the conversation there). ``user=`` keys a
 pool shared by a user's conversations (``RelayConfig.user_budget``).
 
-Tool calling and structured output are not supported: the relay continues one plain-text
-answer across two models, and neither endpoint is asked for tool calls.
+Tools: ``bind_tools`` shows the tools to both models through their chat templates (the student
+writes calls in its own format, a teacher may write part of one) and parses the relayed answer
+into ``tool_calls`` (``RelayConfig.tool_parser``: Hermes/Qwen ``<tool_call>`` by default);
+malformed calls become ``invalid_tool_calls``. Streams carry ``tool_call_chunks``. ``tool_choice``
+``"none"`` hides the tools and parses nothing; ``"any"``/``"required"`` or a tool's name is checked
+on the answer and a reply that misses it raises :class:`ToolChoiceUnmet` (the relay does not
+ask again). ``with_structured_output(..., method="function_calling")`` uses the same path.
 """
 
 from __future__ import annotations
@@ -42,14 +47,24 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.utils import secret_from_env
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from relay_agents.core.config import Endpoint, RelayConfig
+from relay_agents.core.tools import (
+    CallPiece,
+    ToolCallStream,
+    ToolChoice,
+    ToolChoiceUnmet,
+    normalise_tool_choice,
+    unmet_tool_choice,
+)
 from relay_agents.graph import (
     RelayContext,
     ThreadedDeltas,
@@ -205,14 +220,19 @@ class ChatRelay(BaseChatModel):
             params["ls_stop"] = stop
         return params
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any) -> Runnable:
-        """Not supported: the relay writes one plain-text answer across two models."""
-        raise NotImplementedError(
-            "ChatRelay does not support tool calling: the relay continues a plain-text answer "
-            "between a student and a teacher endpoint and never asks either for tool calls. "
-            "Use ChatRelay without tools (e.g. create_agent(model=ChatRelay(...)) with no tools), "
-            "or a tool-calling chat model for the agent and ChatRelay for the answers."
-        )
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | Any],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Runnable:
+        """Bind tools (anything ``convert_to_openai_tool`` takes) and a ``tool_choice``: ``None``
+        or ``"auto"``, ``"none"``, ``"any"``/``"required"``/``True``, or a tool's name."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        names = [tool["function"]["name"] for tool in formatted]
+        choice = normalise_tool_choice(tool_choice, names)
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     # running ---------------------------------------------------------------------------
 
@@ -249,7 +269,13 @@ class ChatRelay(BaseChatModel):
             stream_tokens=stream_tokens,
             conversation_id=self._conversation(kwargs, run_manager),
             user=None if user is None else str(user),
+            tools=_active_tools(kwargs),
         )
+
+    def _tool_stream(self, kwargs: dict[str, Any]) -> _ToolCalls | None:
+        if _active_tools(kwargs) is None:
+            return None
+        return _ToolCalls(ToolCallStream(self._config().tool_parser), kwargs.get("tool_choice") or "auto")
 
     def _extra_metadata(self, kwargs: dict[str, Any], run_manager: Any) -> dict[str, Any]:
         conversation = self._conversation(kwargs, run_manager)
@@ -264,11 +290,21 @@ class ChatRelay(BaseChatModel):
         if hit is not None:
             metadata.update(stop_sequence=hit, finish_reason="stop")
             finish_reason = "stop"
+        calls: dict[str, Any] = {}
+        if (tools := self._tool_stream(kwargs)) is not None:
+            tools.stream.feed(text)
+            tools.stream.finish()
+            parsed = tools.checked()
+            text = parsed.content
+            calls = {"tool_calls": parsed.tool_calls, "invalid_tool_calls": parsed.invalid_tool_calls}
+            if parsed.tool_calls or parsed.invalid_tool_calls:
+                metadata["finish_reason"] = finish_reason = "tool_calls"
         message = AIMessage(
             content=text,
             response_metadata=metadata,
             usage_metadata=reply.usage_metadata,
             id=reply.id,
+            **calls,
         )
         generation = ChatGeneration(message=message, generation_info={"finish_reason": finish_reason})
         return ChatResult(
@@ -319,7 +355,9 @@ class ChatRelay(BaseChatModel):
             return _isolated(lambda: graph.invoke({"messages": messages}, context=live))
 
         deltas = ThreadedDeltas(run)
-        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
+        chunks = _Chunker(
+            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_stream(kwargs)
+        )
         for delta in deltas:
             for chunk in chunks.take(delta):
                 if run_manager and chunk.text:
@@ -344,7 +382,9 @@ class ChatRelay(BaseChatModel):
             self._context(kwargs, run_manager, stream_tokens=True), on_delta=deltas.put_nowait
         )
         run = _isolated(lambda: asyncio.ensure_future(graph.ainvoke({"messages": messages}, context=context)))
-        chunks = _Chunker(_stops(stop, self.stop), self._extra_metadata(kwargs, run_manager))
+        chunks = _Chunker(
+            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_stream(kwargs)
+        )
         async with contextlib.aclosing(drain_deltas(run, deltas)) as stream:  # leaving cancels the run
             async for delta in stream:
                 for chunk in chunks.take(delta):
@@ -354,6 +394,27 @@ class ChatRelay(BaseChatModel):
         chunks.done(run.result())
         for chunk in chunks.finish():
             yield chunk
+
+
+def _active_tools(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The call's tools, unless ``tool_choice`` is ``"none"`` (the models are not shown them)."""
+    tools = kwargs.get("tools")
+    return tools if tools and kwargs.get("tool_choice") != "none" else None
+
+
+@dataclasses.dataclass
+class _ToolCalls:
+    """The tool-call parse of one answer and the choice it must satisfy."""
+
+    stream: ToolCallStream
+    choice: ToolChoice
+
+    def checked(self) -> Any:
+        """The parsed answer; :class:`ToolChoiceUnmet` when it misses a required call."""
+        parsed = self.stream.parsed()
+        if (reason := unmet_tool_choice(parsed, self.choice)) is not None:
+            raise ToolChoiceUnmet(f"{reason} (answer: {parsed.content!r})")
+        return parsed
 
 
 def _isolated(fn: Callable[[], Any]) -> Any:
@@ -395,9 +456,12 @@ class _Chunker:
     final chunk carries the whole relay's usage and metadata).
     """
 
-    def __init__(self, stops: list[str], extra_metadata: dict[str, Any]) -> None:
+    def __init__(
+        self, stops: list[str], extra_metadata: dict[str, Any], tools: _ToolCalls | None = None
+    ) -> None:
         self.stops = stops
         self.extra = extra_metadata
+        self.tools = tools
         self.held: list[tuple[str, str]] = []  # (source, text) not yet emitted
         self.stopped: str | None = None
         self.reply: AIMessage | None = None
@@ -429,18 +493,27 @@ class _Chunker:
             else:
                 piece, self.held[0] = text[:n], (source, text[n:])
             n -= len(piece)
-            out.append(_text_chunk(source, piece))
+            if self.tools is None:
+                out.append(_text_chunk(source, piece))
+            else:
+                out.extend(_event_chunk(source, event) for event in self.tools.stream.feed(piece))
         if drop_rest:
             self.held.clear()
         return out
 
     def finish(self) -> Iterator[ChatGenerationChunk]:
+        source = self.held[-1][0] if self.held else "student"
         yield from self._emit(sum(len(text) for _, text in self.held))
         reply = self.reply
         metadata: dict[str, Any] = dict(reply.response_metadata) if reply is not None else {}
         metadata.update(self.extra)
         if self.stopped is not None:
             metadata.update(stop_sequence=self.stopped, finish_reason="stop")
+        if self.tools is not None:
+            yield from (_event_chunk(source, event) for event in self.tools.stream.finish())
+            parsed = self.tools.checked()
+            if parsed.tool_calls or parsed.invalid_tool_calls:
+                metadata["finish_reason"] = "tool_calls"
         message = AIMessageChunk(
             content="",
             response_metadata=metadata,
@@ -450,6 +523,18 @@ class _Chunker:
         yield ChatGenerationChunk(
             message=message, generation_info={"finish_reason": metadata.get("finish_reason")}
         )
+
+
+def _event_chunk(source: str, event: str | CallPiece) -> ChatGenerationChunk:
+    """A chunk of user text or of a tool call (``tool_call_chunks``)."""
+    if isinstance(event, str):
+        return _text_chunk(source, event)
+    piece = tool_call_chunk(name=event.name, args=event.args, id=event.id, index=event.index)
+    return ChatGenerationChunk(
+        message=AIMessageChunk(
+            content="", tool_call_chunks=[piece], response_metadata={"relay_sources": [source]}
+        )
+    )
 
 
 def _text_chunk(source: str, text: str) -> ChatGenerationChunk:

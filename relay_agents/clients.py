@@ -46,7 +46,7 @@ from relay_agents.core.config import Endpoint, digest
 from relay_agents.core.protocol import CALL_CLOSE, CALL_OPEN
 from relay_agents.core.result import Source
 from relay_agents.core.types import Generation, Request, TokenLogprob
-from relay_agents.prompts import ChatTemplate, instruct_messages
+from relay_agents.prompts import ChatTemplate, instruct_messages, plain_tool_messages, template_messages
 from relay_agents.transport import AsyncTransport, Deadline, DeadlineExceeded, SyncTransport
 
 OnText = Callable[[str], None]
@@ -511,7 +511,10 @@ class EndpointClient:
         if self._template is None:
             return None
         return self._template.render(
-            request.messages, add_generation_prompt=True, enable_thinking=request.enable_thinking
+            template_messages(request.messages),
+            add_generation_prompt=True,
+            enable_thinking=request.enable_thinking,
+            tools=request.tools,
         )
 
     def _tokenize_body(self, request: Request) -> dict[str, Any]:
@@ -520,11 +523,12 @@ class EndpointClient:
             "messages": request.messages,
             "add_generation_prompt": True,
             "chat_template_kwargs": {"enable_thinking": request.enable_thinking},
+            **({"tools": request.tools} if request.tools else {}),
         }
 
     @staticmethod
     def _prompt_key(request: Request) -> str:
-        return repr((request.messages, request.enable_thinking))
+        return repr((request.messages, request.enable_thinking, request.tools))
 
     def prompt_prefix(self, request: Request) -> str:
         """The rendered prompt (completions API), from the local template or the server."""
@@ -686,8 +690,9 @@ class EndpointClient:
             "add_generation_prompt",
             "continue_final_message",
             "chat_template_kwargs",
+            "tools",
         )
-        return {key: body[key] for key in keys}
+        return {key: body[key] for key in keys if key in body}
 
     def _tokenize_url(self) -> str:
         return f"{self._root_url()}/tokenize"
@@ -810,12 +815,16 @@ class EndpointClient:
             extra["add_generation_prompt"] = not request.answer
             extra["chat_template_kwargs"] = {"enable_thinking": request.enable_thinking}
             kwargs["messages"] = messages
+            if request.tools:
+                # rendered by the template, never parsed by the server: the relay parses the answer
+                kwargs["tools"] = request.tools
+                kwargs["tool_choice"] = "none"
             api = "chat"
         else:
             kwargs["messages"] = (
-                instruct_messages(request.messages, request.answer, ep.instruct_template)
+                instruct_messages(request.messages, request.answer, ep.instruct_template, request.tools)
                 if request.answer
-                else list(request.messages)
+                else plain_tool_messages(request.messages)
             )
             api = "chat"
         return api, {**kwargs, **extra}

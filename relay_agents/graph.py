@@ -83,13 +83,15 @@ class RelayContext:
     ``on_delta``: takes each delta (``{"source", "text"}``) in place of the ``custom`` stream,
     for a consumer in the same event loop (``astream_relay``, the server, ``ChatRelay.astream``):
     LangGraph's stream writer wakes the loop with a thread-safe call and a waiter task for
-    every token.
+    every token. ``tools``: OpenAI tools the answer may call, shown to both models through their
+    chat templates (the calls are parsed from the answer by its consumer: ``ChatRelay``, the server).
     """
 
     stream_tokens: bool = True
     conversation_id: str | None = None
     user: str | None = None
     on_delta: Callable[[dict[str, str]], None] | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def writer(self) -> Callable[[Any], None]:
         return self.on_delta or get_stream_writer()
@@ -320,7 +322,8 @@ class RelayNodes:
         ledger = state.get("ledger") or new_ledger()
         if answer is not None and answer.get("question_id") == question_id:
             return answer, ledger
-        return start_answer(relay_prompt(self.config, messages), self.config, question_id), ledger
+        tools = _context().tools
+        return start_answer(relay_prompt(self.config, messages), self.config, question_id, tools), ledger
 
     # Each node is plan -> I/O -> apply: the sync and async bodies differ only in their I/O
     # lines (a model request, a budget-store call).

@@ -133,6 +133,69 @@ def _token_text(token: Any) -> str:
     return token or ""
 
 
-def instruct_messages(messages: Sequence[Message], partial: str, template: str) -> list[Message]:
-    """The chat-instruct request: the conversation, then the partial answer in an instruction."""
-    return [*messages, {"role": "user", "content": template.replace("{partial}", partial)}]
+def template_messages(messages: Sequence[Message]) -> list[Message]:
+    """Messages as chat templates take them: a tool call's ``arguments`` as an object.
+
+    The OpenAI wire carries arguments as a JSON string; vLLM and Transformers hand templates
+    the parsed object (Qwen's and Llama's templates write it with ``tojson``), so a string
+    would be rendered JSON-in-a-string. Arguments that are not JSON stay as written.
+    """
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_parsed_arguments(call) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": parsed}}
+
+
+def plain_tool_messages(messages: Sequence[Message]) -> list[Message]:
+    """The conversation with tool calls and results written as text, for a teacher asked
+    through a hosted chat API (chat-instruct): such APIs accept tool messages only with tool
+    definitions of their own, and the teacher is asked to continue text, never to call."""
+    out: list[Message] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            lines = [content_text(message.get("content"))] if message.get("content") else []
+            for call in message["tool_calls"]:
+                function = call.get("function") or {}
+                lines.append(
+                    f"[called tool {function.get('name')} (call id {call.get('id')}) "
+                    f"with arguments {function.get('arguments')}]"
+                )
+            out.append({"role": "assistant", "content": "\n".join(lines)})
+        elif role == "tool":
+            result = content_text(message.get("content"))
+            out.append(
+                {"role": "user", "content": f"[result of tool call {message.get('tool_call_id')}]\n{result}"}
+            )
+        else:
+            out.append(message)
+    return out
+
+
+def instruct_messages(
+    messages: Sequence[Message], partial: str, template: str, tools: Sequence[dict[str, Any]] | None = None
+) -> list[Message]:
+    """The chat-instruct request: the conversation (tool calls and results as text), then the
+    partial answer in an instruction that lists the tools the answer may call."""
+    instruction = template.replace("{partial}", partial)
+    if tools:
+        listed = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
+        instruction += (
+            f"\n\nThe answer may call these tools, in the format the partial answer uses:\n{listed}"
+        )
+    return [*plain_tool_messages(messages), {"role": "user", "content": instruction}]

@@ -64,20 +64,6 @@ async def test_agent_without_tools(example: ModuleType, scripted: ScriptedServer
     assert len(parts) > 1 and "".join(parts) == ANSWER
 
 
-def test_agent_with_tools_is_refused(example: ModuleType, scripted: ScriptedServer) -> None:
-    from langchain.agents import create_agent
-    from langchain_core.tools import tool
-
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    agent = create_agent(model=ChatRelay(config=relay_config(scripted)), tools=[add])
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        agent.invoke({"messages": [HumanMessage("hi")]})
-
-
 async def test_relay_graph_as_a_subgraph_node(example: ModuleType, scripted: ScriptedServer, capsys) -> None:
     script(scripted, "Q-sub")
     app = example.build_app(relay_config(scripted))

@@ -160,11 +160,6 @@ def test_fields_build_the_config(scripted: ScriptedServer, monkeypatch: pytest.M
         ChatRelay(model="s", base_url=scripted.base_url)
 
 
-def test_bind_tools_is_refused_clearly(scripted: ScriptedServer) -> None:
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        chat(scripted).bind_tools([])
-
-
 async def test_student_errors_propagate(scripted: ScriptedServer) -> None:
     scripted.faults("student", ["400"])
     with pytest.raises(openai.BadRequestError):

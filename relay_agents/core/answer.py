@@ -7,7 +7,7 @@ plain data out (JSON-friendly dicts, so any LangGraph checkpointer can persist i
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from relay_agents.core.config import RelayConfig
 from relay_agents.core.grants import (
@@ -85,6 +85,7 @@ class Ledger(TypedDict):
 class AnswerState(TypedDict):
     question_id: str | None  # the id of the message this answer replies to
     messages: list[Message]
+    tools: list[dict[str, Any]] | None  # OpenAI tools the models are shown (None: no tools)
     student_view: str
     spans: list[SpanDict]
     held: str
@@ -116,10 +117,16 @@ def new_ledger() -> Ledger:
     return {"teacher_tokens": 0, "teacher_calls": 0, "teacher_cost_usd": 0.0}
 
 
-def start_answer(messages: list[Message], config: RelayConfig, question_id: str | None = None) -> AnswerState:
+def start_answer(
+    messages: list[Message],
+    config: RelayConfig,
+    question_id: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> AnswerState:
     return {
         "question_id": question_id,
         "messages": messages,
+        "tools": tools,
         "student_view": "",
         "spans": [],
         "held": "",
@@ -212,6 +219,7 @@ def student_request(answer: AnswerState, config: RelayConfig, plan: TurnPlan | N
         enable_thinking=config.enable_thinking,
         logprobs=plan.logprobs,
         count_with_tokenizer=config.token_count == "tokenizer",
+        tools=answer.get("tools"),
     )
 
 
@@ -538,6 +546,7 @@ def teacher_request(answer: AnswerState, config: RelayConfig) -> Request:
         stop=call.get("stop"),
         enable_thinking=config.enable_thinking,
         count_with_tokenizer=config.token_count == "tokenizer",
+        tools=answer.get("tools"),
     )
 
 

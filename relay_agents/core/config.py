@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from relay_agents.core.policies import CommandPolicy, PolicySpec, normalise_policy_input
 from relay_agents.core.presets import PUBLISHED_PROMPT_SUFFIX, PresetName, apply_preset
+from relay_agents.core.tools import ToolParser
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -191,6 +192,12 @@ class RelayConfig(_Strict):
         "servers' usage (vLLM counts a reply's EOS token); `tokenizer`: each reply's text "
         "re-encoded with its endpoint's /tokenize, no EOS (the published evaluation's count; one "
         "more request per model reply). Budgets and the answer cap always use usage.",
+    )
+    tool_parser: ToolParser = Field(
+        default="hermes",
+        description="The student family's tool-call format, parsed out of answers given tools: "
+        "`hermes` (Hermes, Qwen: <tool_call>{json}</tool_call>), `mistral` ([TOOL_CALLS][...]) or "
+        '`llama3_json` (the answer is one {"name": ..., "parameters": ...} object).',
     )
     preset: PresetName | None = Field(
         default=None,

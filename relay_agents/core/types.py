@@ -32,6 +32,8 @@ class Request:
     logprobs: int | None = None  # top-k token log-probabilities to ask for (None: none)
     #: Also count the reply's text with the endpoint's tokenizer (``Generation.text_tokens``).
     count_with_tokenizer: bool = False
+    #: Tools the model may call (OpenAI ``tools`` entries), rendered by its chat template.
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
