@@ -296,15 +296,18 @@ def train_model(
     on_step: Callable[[], None] | None = None,
     *,
     save_tokenizer_files: Callable[[Any, Path], None] | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
     """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``;
     ``on_step`` is called after every training step (a progress bar). ``save_tokenizer_files``
-    writes a variant's tokenizer files (its chat template); default: the tiny world's."""
+    writes a variant's tokenizer files (its chat template); default: the tiny world's.
+    ``threads``: torch's threads (the result depends on it; one is faster on a loaded machine,
+    where two threads wait on each other at every operation)."""
     import torch
 
-    threads = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Once the loss nears zero, Adam's moments turn denormal and each step on the CPU takes
     # several times longer; flushing them to zero keeps the step time flat.
@@ -313,7 +316,7 @@ def train_model(
         return _train_model(mr, tok, recipe, examples, out_dir, on_step, save_tokenizer_files)
     finally:
         torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic)
 
 

@@ -45,20 +45,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import multiprocessing
 import random
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay_agents.cache import MANIFEST, verify_manifest, write_manifest
 
 from . import tasks
 from .tokenizer import CALL_TOKENS, IM_END, TOKENIZER_VERSION
+
+if TYPE_CHECKING:
+    from .servers import TinyPairServers
 
 VARIANT_VERSION = 1
 SHIPPED_DIR = Path(__file__).with_name("tool_weights")
@@ -130,6 +136,18 @@ TOOL_CHAT_TEMPLATE = (
 )
 
 
+#: The teacher's template: ChatML of the text turns only. The teacher continues arithmetic from
+#: the question and the answer so far (which has the tool's result in its first line): it is
+#: shown no tools and no tool turns, so its prompt is as short as the default teacher's.
+TEACHER_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'tool' and message['content'] %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # --------------------------------------------------------------------------- task
 
 
@@ -169,13 +187,21 @@ class ToolProblem:
         return self.x * self.y
 
 
+#: the tool's factors: one digit each, so the hard step's ``A`` is one of 26 products and the
+#: teacher's table has 149 entries (the default task's has 564): it trains in minutes
+TOOL_FACTORS = (2, 9)
+#: one or two easy steps (the default task has three or four): shorter conversations
+N_EASY = (1, 2)
+
+
 def make_problem(rng: random.Random) -> ToolProblem:
-    """A default-task problem whose ``A`` has a factor ``x`` in 2..9 with ``y = A/x >= 2``
-    (A prime is drawn again); ``x`` is drawn among A's one-digit factors."""
+    """A default-task problem (with :data:`N_EASY` easy steps) whose ``A`` is ``x*y`` with
+    both in :data:`TOOL_FACTORS` (drawn again otherwise); ``x`` is drawn among the choices."""
+    low, high = TOOL_FACTORS
     while True:
-        base = tasks.make_problem(rng)
+        base = tasks.make_problem(rng, n_easy=N_EASY)
         a = int(base.steps[0].lhs.split("*")[0])
-        factors = [x for x in range(2, 10) if a % x == 0 and a // x >= 2]
+        factors = [x for x in range(low, high + 1) if a % x == 0 and low <= a // x <= high]
         if factors:
             x = rng.choice(factors)
             return ToolProblem(x=x, y=a // x, base=base)
@@ -241,34 +267,49 @@ def conversation(problem: ToolProblem, *, call_id: str = "call_0") -> list[dict[
     ]
 
 
-def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-    """``messages`` through :data:`TOOL_CHAT_TEMPLATE`, with the generation prompt (the relay's
-    renderer, so training sees what the relay sends)."""
+def render(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    template: str = TOOL_CHAT_TEMPLATE,
+) -> str:
+    """``messages`` through ``template`` (default the student's, with :data:`MULTIPLY_TOOL`), with
+    the generation prompt: the relay's renderer, so training sees what the relay sends."""
     from relay_agents.prompts import ChatTemplate
 
-    return ChatTemplate(TOOL_CHAT_TEMPLATE).render(messages, tools=tools or [MULTIPLY_TOOL])
+    return ChatTemplate(template).render(messages, tools=tools or [MULTIPLY_TOOL])
 
 
-def segments(
-    problem: ToolProblem, *, student: bool, count_tokens: Callable[[str], int] | None = None
-) -> list[tasks.Segment]:
-    """The whole conversation after the first prompt, as segments: the tool call (and EOS), the
-    tool's result (``prompt``, masked), then the second turn: the student's cold-start solution
-    with ``<call>N</call>`` before the hard result (``student``), or the full solution (the
-    teacher's). The final EOS is added by the encoder."""
+def student_text(
+    problem: ToolProblem, count_tokens: Callable[[str], int] | None = None
+) -> tuple[str, list[tasks.Segment]]:
+    """The student's first prompt and the rest of its conversation as segments: the tool call (and
+    EOS), the tool's result (``prompt``, masked), then the second turn: the tool's step and the
+    cold-start solution with ``<call>N</call>`` before the hard result (``teacher``: the teacher's
+    result). The final EOS is added by the encoder."""
     first = render(conversation(problem)[:1])
     second = render(conversation(problem))
     call = tool_call_text(problem) + IM_END
     if not second.startswith(first + call):
         raise AssertionError("the template does not render the tool call as the student writes it")
-    tool_step = f"{problem.x}*{problem.y} = {problem.factor}\n"
-    out = [tasks.Segment(call, "student"), tasks.Segment(second[len(first + call) :], "prompt")]
-    if student:
-        solution = tasks.student_segments(problem.base, count_tokens)
-    else:
-        solution = tasks.teacher_segments(problem.base)
-    head, *rest = solution
-    return [*out, tasks.Segment(tool_step + head.text, head.role), *rest]
+    head, *rest = tasks.student_segments(problem.base, count_tokens)
+    return first, [
+        tasks.Segment(call, "student"),
+        tasks.Segment(second[len(first + call) :], "prompt"),
+        tasks.Segment(_tool_step(problem) + head.text, head.role),
+        *rest,
+    ]
+
+
+def teacher_text(problem: ToolProblem) -> tuple[str, list[tasks.Segment]]:
+    """The teacher's prompt (the question, through :data:`TEACHER_CHAT_TEMPLATE`) and its full
+    solution: the tool's step, the hard step, the easy steps."""
+    prompt = render(conversation(problem)[:1], template=TEACHER_CHAT_TEMPLATE)
+    return prompt, [tasks.Segment(_tool_step(problem) + tasks.teacher_solution(problem.base), "teacher")]
+
+
+def _tool_step(problem: ToolProblem) -> str:
+    return f"{problem.x}*{problem.y} = {problem.factor}\n"
 
 
 # --------------------------------------------------------------------------- build
@@ -280,6 +321,9 @@ class ToolRecipe:
     student: Any
     tokenizer_problems: int = 2000
     vocab_size: int = 512
+    #: torch threads per model (the two models train side by side)
+    threads: int = 1
+    task_params: tuple[Any, ...] = (TOOL_FACTORS, N_EASY, EVAL_RESERVE)
     versions: tuple[int, int, int] = (VARIANT_VERSION, tasks.TASK_VERSION, TOKENIZER_VERSION)
 
     def digest(self) -> str:
@@ -288,13 +332,16 @@ class ToolRecipe:
 
 
 def default_recipe() -> ToolRecipe:
-    """The shipped recipe: the default tiny world's teacher and student sizes and settings,
-    without the student's chat-history examples (each problem is its own conversation)."""
+    """The shipped recipe: the default tiny world's model sizes and learning rates, with less
+    training (a table of 149 products, shorter conversations), and no chat-history examples
+    (each problem is its own conversation)."""
     from .build import DEFAULT_RECIPE
 
     return ToolRecipe(
-        teacher=DEFAULT_RECIPE.teacher,
-        student=dataclasses.replace(DEFAULT_RECIPE.student, history_fraction=0.0),
+        teacher=dataclasses.replace(
+            DEFAULT_RECIPE.teacher, steps=300, batch_size=32, warmup=30, n_train=8000
+        ),
+        student=dataclasses.replace(DEFAULT_RECIPE.student, steps=600, n_train=8000, history_fraction=0.0),
     )
 
 
@@ -307,20 +354,19 @@ def verify(root: Path, recipe: ToolRecipe) -> bool:
 
 
 def build_tokenizer(recipe: ToolRecipe):
-    """The shared tokenizer, trained on both models' conversations (seeded problems)."""
+    """The shared tokenizer, trained on both models' texts (seeded problems)."""
     from .tokenizer import train_tokenizer
 
     texts = []
     for p in train_problems(recipe.tokenizer_problems, seed=10_000):
-        first = render(conversation(p)[:1])
-        for student in (True, False):
-            texts.append(first + "".join(s.text for s in segments(p, student=student)) + IM_END)
+        for prompt, segs in (student_text(p), teacher_text(p)):
+            texts.append(prompt + "".join(s.text for s in segs) + IM_END)
     return train_tokenizer(texts, vocab_size=recipe.vocab_size, ordinary_tokens=ORDINARY_TOKENS)
 
 
 def build_examples(tok, problems: list[ToolProblem], *, student: bool):
-    """Token ids and labels of whole conversations (prompts, tool results and, for the student,
-    the teacher's results masked)."""
+    """Token ids and labels: the student's whole conversations (prompts, the tool's result and the
+    teacher's results masked) or the teacher's solutions (the prompt masked)."""
     from .build import _encode_segments
 
     def count(text: str) -> int:
@@ -328,8 +374,7 @@ def build_examples(tok, problems: list[ToolProblem], *, student: bool):
 
     out = []
     for p in problems:
-        prompt = render(conversation(p)[:1])
-        segs = segments(p, student=student, count_tokens=count)
+        prompt, segs = student_text(p, count) if student else teacher_text(p)
         ids, labels = _encode_segments(tok, prompt, segs, student=student)
         if tok.encode(prompt + "".join(s.text for s in segs) + IM_END).ids != ids:
             raise AssertionError(f"segment tokenization differs for {p.question!r}")
@@ -337,50 +382,82 @@ def build_examples(tok, problems: list[ToolProblem], *, student: bool):
     return out
 
 
-def build(dest: Path = SHIPPED_DIR, recipe: ToolRecipe | None = None) -> Path:
-    """Train the teacher and the student of ``recipe`` and write them, sealed by the manifest,
-    to ``dest`` (replaced)."""
-    from .build import DEFAULT_RECIPE, train_model
+def tokenizer_files(template: str) -> Callable[[Any, Path], None]:
+    """What writes a model's tokenizer files: the shared tokenizer with the model's ``template``."""
+    from .build import DEFAULT_RECIPE
     from .tokenizer import save_tokenizer
 
-    recipe = recipe or default_recipe()
-
-    def save_files(tok: Any, directory: Path) -> None:
+    def save(tok: Any, directory: Path) -> None:
         save_tokenizer(
             tok,
             directory,
             model_max_length=DEFAULT_RECIPE.max_position_embeddings,
-            chat_template=TOOL_CHAT_TEMPLATE,
+            chat_template=template,
             ordinary_tokens=ORDINARY_TOKENS,
         )
 
+    return save
+
+
+#: each model's chat template
+TEMPLATES = {"teacher": TEACHER_CHAT_TEMPLATE, "student": TOOL_CHAT_TEMPLATE}
+
+
+def train_one(name: str, out_dir: Path, recipe: ToolRecipe | None = None) -> dict[str, Any]:
+    """Train model ``name`` (``teacher`` or ``student``) of ``recipe`` into ``out_dir``; returns
+    its training statistics. Each model trains in a process of its own (see :func:`build`)."""
+    from .build import DEFAULT_RECIPE, train_model
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(message)s")
+    recipe = recipe or default_recipe()
+    mr = recipe.teacher if name == "teacher" else recipe.student
     tok = build_tokenizer(recipe)
+    examples = build_examples(tok, train_problems(mr.n_train, seed=mr.seed), student=name == "student")
+    # DEFAULT_RECIPE: the tiny world's shared settings (the 512-token context)
+    return train_model(
+        mr,
+        tok,
+        DEFAULT_RECIPE,
+        examples,
+        out_dir,
+        save_tokenizer_files=tokenizer_files(TEMPLATES[name]),
+        threads=recipe.threads,
+    )
+
+
+def seal(parts: Path, dest: Path, stats: dict[str, Any], recipe: ToolRecipe | None = None) -> Path:
+    """Write the manifest of the models trained in ``parts`` and move them to ``dest`` (replaced)."""
+    recipe = recipe or default_recipe()
+    write_manifest(
+        parts,
+        {"recipe_hash": recipe.digest()},
+        _model_files(),
+        recipe=dataclasses.asdict(recipe),
+        stats=stats,
+    )
+    if dest.exists():
+        shutil.rmtree(dest)
+    parts.chmod(0o755)
+    parts.rename(dest)
+    return dest
+
+
+def build(dest: Path = SHIPPED_DIR, recipe: ToolRecipe | None = None) -> Path:
+    """Train the teacher and the student of ``recipe`` side by side (a process each, on
+    ``recipe.threads`` threads) and write them, sealed by the manifest, to ``dest`` (replaced)."""
+    recipe = recipe or default_recipe()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         t0 = time.monotonic()
-        stats: dict[str, Any] = {}
-        for name, mr, student in (("teacher", recipe.teacher, False), ("student", recipe.student, True)):
-            examples = build_examples(tok, train_problems(mr.n_train, seed=mr.seed), student=student)
-            # DEFAULT_RECIPE: the tiny world's shared settings (the 512-token context)
-            stats[name] = train_model(
-                mr, tok, DEFAULT_RECIPE, examples, tmp / name, save_tokenizer_files=save_files
-            )
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=len(MODEL_NAMES), mp_context=spawn) as pool:
+            futures = {name: pool.submit(train_one, name, tmp / name, recipe) for name in MODEL_NAMES}
+            stats: dict[str, Any] = {name: future.result() for name, future in futures.items()}
         stats["build_seconds"] = round(time.monotonic() - t0, 1)
-        write_manifest(
-            tmp,
-            {"recipe_hash": recipe.digest()},
-            _model_files(),
-            recipe=dataclasses.asdict(recipe),
-            stats=stats,
-        )
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.chmod(0o755)
-        tmp.rename(dest)
+        return seal(tmp, dest, stats, recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def shipped_dir() -> Path:
@@ -393,6 +470,17 @@ def shipped_dir() -> Path:
     return SHIPPED_DIR
 
 
+def tool_world_servers(**kwargs: Any) -> TinyPairServers:
+    """(Unstarted) vLLM servers for the shipped build: ``tiny-tool-student`` and
+    ``tiny-tool-teacher`` (the keywords of :func:`~relay_agents.tiny.servers.tiny_pair_servers`)."""
+    from .build import TinyPair
+    from .servers import tiny_pair_servers
+
+    root = shipped_dir()
+    pair = TinyPair(student_dir=root / "student", teacher_dir=root / "teacher")
+    return tiny_pair_servers(pair=pair, names=("tiny-tool-student", "tiny-tool-teacher"), **kwargs)
+
+
 def read_stats() -> dict[str, Any]:
     return json.loads((SHIPPED_DIR / MANIFEST).read_text()).get("stats", {})
 
@@ -400,7 +488,4 @@ def read_stats() -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:] != ["ship"]:
         sys.exit("usage: python -m relay_agents.tiny.tool_world ship")
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(build())
