@@ -6,8 +6,8 @@
 (or ``RELAY_CONFIG=relay.toml``). Three ways to use the relay:
 
 1. ``prompt | ChatRelay | StrOutputParser()``: a plain LCEL chain.
-2. ``create_agent(model=ChatRelay(...))``: a LangChain agent, without tools (the relay writes
-   plain text; ``bind_tools`` raises ``NotImplementedError``).
+2. ``create_agent(model=ChatRelay(...))``: a LangChain agent (here without tools; with tools,
+   the student writes the calls: see docs/tools.md).
 3. ``build_relay_graph(config)`` as a node of your own LangGraph ``StateGraph`` over
    ``messages``: the relay's reply (with ``response_metadata["relay"]``) lands in your state.
 """
@@ -35,7 +35,7 @@ def build_chain(model: ChatRelay) -> Runnable[dict[str, Any], str]:
 
 
 def build_agent(model: ChatRelay) -> CompiledStateGraph:
-    """A LangChain agent answering with the relay (no tools: the relay writes plain text)."""
+    """A LangChain agent answering with the relay (a tutor needs no tools)."""
     return create_agent(model=model, system_prompt="You are a careful tutor.")
 
 

@@ -55,6 +55,7 @@ _SOURCES = {
     "relay_agents.chat_model": ("ChatRelay",),
     "relay_agents.config": ("ConfigError", "load_config"),
     "relay_agents.core.config": ("Budget", "Endpoint", "RelayConfig"),
+    "relay_agents.core.tools": ("ToolChoiceUnmet",),
     "relay_agents.graph": ("build_relay_graph",),
     "relay_agents.core.policies": (
         "CommandPolicy",
@@ -86,6 +87,7 @@ __all__ = [
     "Span",
     "TeacherFreePolicy",
     "TeacherOnlyPolicy",
+    "ToolChoiceUnmet",
     "arelay",
     "astream_relay",
     "build_relay_graph",

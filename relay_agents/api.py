@@ -89,10 +89,11 @@ def relay(
     user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> RelayResult:
     """Relay one answer (blocking); see :func:`arelay`."""
     graph = _graph(config, checkpointer)
-    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user)
+    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user, tools=tools)
     state = graph.invoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)
     return RelayResult.from_message(state["messages"][-1])
 
@@ -106,6 +107,7 @@ async def arelay(
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
     on_delta: Callable[[RelayDelta], None] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> RelayResult:
     """Relay one answer.
 
@@ -114,11 +116,14 @@ async def arelay(
     user's conversations (``config.user_budget``). With ``checkpointer``, the conversation
     key defaults to ``thread_id``. ``on_delta`` sees the answer's text as each model reply is
     settled (whole replies, not tokens), so a caller knows what an answer that fails half-way
-    has already cost.
+    has already cost. ``tools`` (OpenAI tool definitions) are shown to both models through their
+    chat templates; the answer's text holds any calls, in the student's format, unparsed.
     """
     graph = _graph(config, checkpointer)
     sink = None if on_delta is None else _delta_sink(on_delta)
-    context = RelayContext(stream_tokens=False, conversation_id=conversation_id, user=user, on_delta=sink)
+    context = RelayContext(
+        stream_tokens=False, conversation_id=conversation_id, user=user, on_delta=sink, tools=tools
+    )
     state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)
     return RelayResult.from_message(state["messages"][-1])
 
@@ -190,6 +195,7 @@ def astream_relay(
     user: str | None = None,
     checkpointer: BaseCheckpointSaver | None = None,
     thread_id: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> RelayStream:
     """Stream an answer as the models write it: ``async for delta in astream_relay(...)``.
 
@@ -199,7 +205,7 @@ def astream_relay(
         _graph(config, checkpointer),
         _inputs(question),
         _run_config(thread_id, checkpointer),
-        RelayContext(conversation_id=conversation_id, user=user),
+        RelayContext(conversation_id=conversation_id, user=user, tools=tools),
     )
 
 

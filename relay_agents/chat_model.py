@@ -1,7 +1,7 @@
 """``ChatRelay``: the relay as a LangChain chat model (``BaseChatModel``).
 
 Use it wherever LangChain takes a chat model: ``prompt | ChatRelay(...) | StrOutputParser()``,
-``create_agent(model=ChatRelay(...))`` (without tools), ``init_chat_model``-style code that
+``create_agent(model=ChatRelay(...), tools=[...])``, ``init_chat_model``-style code that
 expects the usual fields (``model``, ``base_url``, ``api_key``, ``temperature``,
 ``max_tokens``, ``timeout``, ``max_retries``, ``stop``, ``streaming``).
 
@@ -32,8 +32,8 @@ writes calls in its own format, a teacher may write part of one) and parses the 
 into ``tool_calls`` (``RelayConfig.tool_parser``: Hermes/Qwen ``<tool_call>`` by default);
 malformed calls become ``invalid_tool_calls``. Streams carry ``tool_call_chunks``. ``tool_choice``
 ``"none"`` hides the tools and parses nothing; ``"any"``/``"required"`` or a tool's name is checked
-on the answer and a reply that misses it raises :class:`ToolChoiceUnmet` (the relay does not
-ask again). ``with_structured_output(..., method="function_calling")`` uses the same path.
+on the answer and a reply that misses it raises ``ToolChoiceUnmet`` (the relay does not ask
+again). ``with_structured_output(..., method="function_calling")`` uses the same path.
 """
 
 from __future__ import annotations
@@ -57,14 +57,7 @@ from langgraph.graph.state import CompiledStateGraph
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from relay_agents.core.config import Endpoint, RelayConfig
-from relay_agents.core.tools import (
-    CallPiece,
-    ToolCallStream,
-    ToolChoice,
-    ToolChoiceUnmet,
-    normalise_tool_choice,
-    unmet_tool_choice,
-)
+from relay_agents.core.tools import CallPiece, ToolAnswer, normalise_tool_choice
 from relay_agents.graph import (
     RelayContext,
     ThreadedDeltas,
@@ -272,10 +265,10 @@ class ChatRelay(BaseChatModel):
             tools=_active_tools(kwargs),
         )
 
-    def _tool_stream(self, kwargs: dict[str, Any]) -> _ToolCalls | None:
+    def _tool_stream(self, kwargs: dict[str, Any]) -> ToolAnswer | None:
         if _active_tools(kwargs) is None:
             return None
-        return _ToolCalls(ToolCallStream(self._config().tool_parser), kwargs.get("tool_choice") or "auto")
+        return ToolAnswer(kwargs.get("tool_choice") or "auto", self._config().tool_parser)
 
     def _extra_metadata(self, kwargs: dict[str, Any], run_manager: Any) -> dict[str, Any]:
         conversation = self._conversation(kwargs, run_manager)
@@ -402,21 +395,6 @@ def _active_tools(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
     return tools if tools and kwargs.get("tool_choice") != "none" else None
 
 
-@dataclasses.dataclass
-class _ToolCalls:
-    """The tool-call parse of one answer and the choice it must satisfy."""
-
-    stream: ToolCallStream
-    choice: ToolChoice
-
-    def checked(self) -> Any:
-        """The parsed answer; :class:`ToolChoiceUnmet` when it misses a required call."""
-        parsed = self.stream.parsed()
-        if (reason := unmet_tool_choice(parsed, self.choice)) is not None:
-            raise ToolChoiceUnmet(f"{reason} (answer: {parsed.content!r})")
-        return parsed
-
-
 def _isolated(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` without the caller's runnable config.
 
@@ -457,7 +435,7 @@ class _Chunker:
     """
 
     def __init__(
-        self, stops: list[str], extra_metadata: dict[str, Any], tools: _ToolCalls | None = None
+        self, stops: list[str], extra_metadata: dict[str, Any], tools: ToolAnswer | None = None
     ) -> None:
         self.stops = stops
         self.extra = extra_metadata

@@ -11,17 +11,41 @@ from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from langchain_core.messages import BaseMessage, convert_to_openai_messages
+from langchain_core.messages import AIMessage, BaseMessage, InvalidToolCall, convert_to_openai_messages
 
 from relay_agents.core.types import Message
 
 
 def to_openai_messages(messages: str | Sequence[BaseMessage | Message]) -> list[Message]:
-    """Normalise a question, LangChain messages or OpenAI dicts to OpenAI message dicts."""
+    """Normalise a question, LangChain messages or OpenAI dicts to OpenAI message dicts.
+
+    An assistant message's malformed calls (``invalid_tool_calls``, which LangChain's conversion
+    drops) are kept as calls with their raw arguments: the models see what was written, and a
+    tool message answering one still follows its call. Its ``tool_call`` content blocks
+    (LangChain's v1 content) are dropped: they repeat its ``tool_calls``.
+    """
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
-    converted = convert_to_openai_messages(list(messages))
-    return [dict(m) for m in converted]
+    converted: list[Message] = []
+    for original in messages:
+        [message, *more] = [dict(m) for m in convert_to_openai_messages([original])]
+        if isinstance(original, AIMessage) and original.invalid_tool_calls:
+            message["tool_calls"] = [
+                *message.get("tool_calls", []),
+                *map(_raw_call, original.invalid_tool_calls),
+            ]
+        content = message.get("content")
+        if message.get("tool_calls") and isinstance(content, list):
+            message["content"] = [
+                p for p in content if not (isinstance(p, dict) and p.get("type") == "tool_call")
+            ]
+        converted += [message, *more]
+    return converted
+
+
+def _raw_call(call: InvalidToolCall) -> Message:
+    function = {"name": call.get("name") or "", "arguments": call.get("args") or ""}
+    return {"type": "function", "id": call.get("id") or "", "function": function}
 
 
 def content_text(content: Any, *, joiner: str = "") -> str:

@@ -3,12 +3,15 @@
 
 Every feature flag is on, so every test runs; the ones for features ChatRelay does not support
 are marked ``xfail(strict=True)`` with the reason (``UNSUPPORTED``), so they must really fail.
+Tool calling and structured output run for real: the scripted student writes Hermes tool calls
+for the suite's tools (``_TOOL_ANSWERS``), which reach its prompt through the chat template.
 The one skip left is the suite's ``test_stream_time``, a benchmark replayed from recorded VCR
 cassettes: this project tests against live loopback servers and records none.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -20,52 +23,52 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from relay_agents import ChatRelay, Endpoint
 from relay_agents.testing import ScriptedServer
-from tests.conftest import CHATML
+from tests.conftest import CHATML, TOOLS_CHATML
 
 _SERVER: dict[str, str] = {"base_url": "http://127.0.0.1:9/v1"}
 
 
-_TOOLS = (
-    "tool calling is not supported: the relay continues one plain-text answer between two models "
-    "and asks neither for tool calls (bind_tools raises NotImplementedError)"
-)
-_STRUCTURED = "structured output and JSON mode need tool calling or response formats, which the relay lacks"
 _MEDIA = "the relay prompt is text only: image, audio and PDF content blocks are not supported"
-_MEDIA_TOOLS = "tool messages with image or PDF content need tool calling, which the relay lacks"
 UNSUPPORTED: dict[str, str] = {
-    "test_bind_tool_pydantic": _TOOLS,
-    "test_tool_calling": _TOOLS,
-    "test_tool_calling_async": _TOOLS,
-    "test_bind_runnables_as_tools": _TOOLS,
-    "test_tool_message_histories_string_content": _TOOLS,
-    "test_tool_message_histories_list_content": _TOOLS,
-    "test_tool_choice": _TOOLS,
-    "test_tool_calling_with_no_arguments": _TOOLS,
-    "test_tool_message_error_status": _TOOLS,
-    "test_agent_loop": _TOOLS,
-    "test_unicode_tool_call_integration": _TOOLS,
-    "test_with_structured_output": _STRUCTURED,
-    "test_structured_few_shot_examples": _STRUCTURED,
-    "test_structured_output": _STRUCTURED,
-    "test_structured_output_async": _STRUCTURED,
-    "test_structured_output_pydantic_2_v1": _STRUCTURED,
-    "test_structured_output_optional_param": _STRUCTURED,
-    "test_json_mode": _STRUCTURED,
     "test_pdf_inputs": _MEDIA,
     "test_audio_inputs": _MEDIA,
     "test_image_inputs": _MEDIA,
-    "test_image_tool_message": _MEDIA_TOOLS,
-    "test_pdf_tool_message": _MEDIA_TOOLS,
+    "test_image_tool_message": _MEDIA,
+    "test_pdf_tool_message": _MEDIA,
     "test_anthropic_inputs": "Anthropic-style content blocks (tool_use, images) are not supported",
     "test_serdes": "ChatRelay is not LangChain-serializable: langchain_core.load cannot rebuild its "
     "Endpoint and RelayConfig fields",
 }
 #: What the expected failure must be, where it is one of ChatRelay's own refusals.
-_REFUSALS: dict[str, type[Exception]] = {
-    _TOOLS: NotImplementedError,
-    _MEDIA_TOOLS: NotImplementedError,
-    _MEDIA: ValueError,
-}
+_REFUSALS: dict[str, type[Exception]] = {_MEDIA: ValueError}
+
+
+def _call(name: str, args: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args}, ensure_ascii=False)}\n</tool_call>"
+
+
+_JOKE = {"setup": "Why did the cat sit on the computer?", "punchline": "To keep an eye on the mouse."}
+#: What the student answers to prompts that contain a key, the latest first: the suite's tools
+#: are rendered into the prompt by the tool-aware chat template, and the student writes a call
+#: in the Hermes format (a tool result in the prompt gets a text answer).
+_TOOL_ANSWERS: list[tuple[str, str]] = [
+    ("What is 3 + 4", _call("my_adder_tool", {"a": 3, "b": 4})),
+    (
+        "こんにちは株式会社",
+        _call("unicode_customer", {"customer_name": "こんにちは株式会社", "description": "company"}),
+    ),
+    (
+        "你好啊集团",
+        _call("unicode_customer", {"customer_name": "你好啊集团", "description": "technology company"}),
+    ),
+    ("<tool_response>", "The tool answered; here is the result in plain words."),
+    ('"name": "magic_function"', _call("magic_function", {"input": 3})),
+    ('"name": "magic_function_no_args"', _call("magic_function_no_args", {})),
+    ('"name": "get_weather"', _call("get_weather", {"location": "San Francisco, CA"})),
+    ('"name": "greeting_generator"', _call("greeting_generator", {"answer_style": "pirate"})),
+    ('"name": "JokeDict"', _call("JokeDict", _JOKE)),
+    ('"name": "Joke"', _call("Joke", _JOKE)),
+]
 
 
 #: Media files as the suite would download them: enough bytes to be sent, never fetched.
@@ -95,7 +98,7 @@ def expect_unsupported(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
         return
     reason = UNSUPPORTED[name]
     request.applymarker(pytest.mark.xfail(reason=reason, strict=True, raises=_REFUSALS.get(reason)))
-    if reason in (_MEDIA, _MEDIA_TOOLS):
+    if reason == _MEDIA:
         monkeypatch.setattr(chat_model_suite, "httpx", _OfflineMedia)
 
 
@@ -114,6 +117,8 @@ def _scripted_answers(request: pytest.FixtureRequest, scripted_server: ScriptedS
         return
     scripted_server.reset()
     scripted_server.configure(default_response="Hello! Here is a short answer for you, in plain words.")
+    for key, answer in reversed(_TOOL_ANSWERS):
+        scripted_server.script("student", key, [answer], repeat=True)
     _SERVER["base_url"] = scripted_server.base_url
     yield
 
@@ -124,7 +129,7 @@ def _params() -> dict[str, Any]:
         "model": "student",
         "base_url": base_url,
         "teacher": Endpoint(base_url=base_url, model="teacher", chat_template=CHATML, timeout=5.0),
-        "student_options": {"chat_template": CHATML},
+        "student_options": {"chat_template": TOOLS_CHATML},
     }
 
 

@@ -14,8 +14,7 @@ from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel
 
-from relay_agents import Budget, ChatRelay
-from relay_agents.core.tools import ToolChoiceUnmet
+from relay_agents import Budget, ChatRelay, ToolChoiceUnmet
 from relay_agents.testing import ScriptedServer
 from tests.conftest import TOOLS_CHATML, relay_config
 
@@ -133,17 +132,33 @@ def test_tool_results_reach_both_models(scripted: ScriptedServer) -> None:
     assert "tools" not in teacher["body"]
 
 
-def test_a_chat_student_gets_the_tools_in_its_request(scripted: ScriptedServer) -> None:
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_the_server_renders_the_tools_without_a_local_template(scripted: ScriptedServer, api: str) -> None:
+    """A chat student gets ``tools`` (with ``tool_choice: "none"``: the relay parses) and its
+    server renders them; a completions student without a local template has its prompt rendered
+    by the server's /tokenize, tools, the call and the result included."""
+    call = {"name": "multiply", "args": {"a": 2, "b": 3}, "id": "call_7", "type": "tool_call"}
+    history = [
+        HumanMessage("Q-server-render"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("6", tool_call_id="call_7"),
+    ]
     scripted.script(
         "student",
-        "Q-chat-tools",
-        ['<tool_call>{"name": "multiply", "arguments": {"a": 2, "b": 3}}</tool_call>'],
+        "Q-server-render",
+        ['<tool_call>{"name": "multiply", "arguments": {"a": 6, "b": 7}}</tool_call>'],
     )
-    config = relay_config(scripted, student={"api": "chat", "chat_template": None})
-    reply = ChatRelay(config=config).bind_tools([multiply]).invoke("Q-chat-tools")
-    assert reply.tool_calls[0]["args"] == {"a": 2, "b": 3}
-    body = next(r for r in scripted.requests() if r["model"] == "student")["body"]
-    assert body["tools"][0]["function"]["name"] == "multiply" and body["tool_choice"] == "none"
+    config = relay_config(scripted, student={"api": api, "chat_template": None})
+    reply = ChatRelay(config=config).bind_tools([multiply]).invoke(history)
+    assert reply.tool_calls[0]["args"] == {"a": 6, "b": 7}
+    request = next(r for r in scripted.requests() if r["model"] == "student" and r["path"].startswith("/v1/"))
+    if api == "chat":
+        assert request["body"]["tools"][0]["function"]["name"] == "multiply"
+        assert request["body"]["tool_choice"] == "none"
+    prompt = request["prompt"]
+    assert '"name": "multiply"' in prompt and "# Tools" in prompt
+    assert '<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in prompt
+    assert "<tool_response>\n6\n</tool_response>" in prompt
 
 
 def test_tool_choice(scripted: ScriptedServer) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from relay_agents.testing import ScriptedServer
-from tests.conftest import CHATML
+from tests.conftest import CHATML, TOOLS_CHATML
 from tests.test_entry_points import CLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ RUNNABLE = {
     "docs/policies.md": 1,
     "docs/python.md": 3,
     "docs/server.md": 1,
+    "docs/tools.md": 2,
 }
 #: the address the server snippets use; the tests serve on a free port instead
 SNIPPET_SERVER = "http://127.0.0.1:8000"
@@ -194,6 +195,39 @@ def test_the_policies_page_snippet_runs(
 
     out = capsys.readouterr().out.splitlines()
     assert out == ["student '65*7 = 4'", "teacher '55.\\n'", "student '\\\\boxed{455}'"]
+
+
+@pytest.fixture
+def tools_env(relay_env: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> ScriptedServer:
+    """Models whose template renders tools; the student names the tool and calls the teacher
+    for the first argument, and answers in text once the tool's result is in the prompt."""
+    for role in ("student", "teacher"):
+        monkeypatch.setenv(f"RELAY_{role.upper()}_CHAT_TEMPLATE", TOOLS_CHATML)
+    call = '<tool_call>\n{"name": "multiply", "arguments": {"a": <call>5</call>'
+    relay_env.script("student", "1234 * 12", [call, ' "b": 12}}\n</tool_call>'], repeat=True)
+    relay_env.script("teacher", "1234 * 12", [" 1234, 99999"], repeat=True)
+    relay_env.script("student", "<tool_response>\n14808", ["1234 * 12 = <call>5</call>", "."], repeat=True)
+    relay_env.script("teacher", "<tool_response>\n14808", [" 14808 indeed"], repeat=True)
+    return relay_env
+
+
+def test_the_tools_page_snippets_run(
+    tools_env: ScriptedServer, relay_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snippets = runnable("docs/tools.md")
+    assert SNIPPET_SERVER in snippets[1].code
+    run_snippets(snippets, {SNIPPET_SERVER: relay_server})
+
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "multiply {'a': 1234, 'b': 12}",
+        """student '<tool_call>\\n{"name": "multiply", "arguments": {"a":'""",
+        "teacher ' 1234,'",  # the teacher wrote the hard argument
+        """student ' "b": 12}}\\n</tool_call>'""",
+        "1234 * 12 = 14808.",  # the agent's answer after the tool ran
+        'tool_calls multiply {"a": 1234, "b": 12}',  # through the server
+        "1234 * 12 = 14808.",
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

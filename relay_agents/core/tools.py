@@ -84,7 +84,8 @@ class ToolCallStream:
         self._head_sent = False  # the open Hermes call's name went out; its args stream
         self._args_sent = 0  # characters of the open call's body already sent as args
         self._index = 0
-        self._after_call = False
+        self._after_call = False  # a call just closed: the white space after it is dropped
+        self._plain = False  # llama3_json: the answer began as text, so it is no call
         self._pieces: list[CallPiece] = []  # every piece, in order (for :meth:`parsed`)
         self._texts: list[str] = []
 
@@ -181,12 +182,14 @@ class ToolCallStream:
         if self.parser == "llama3_json":
             held = self._held + delta
             stripped = held.lstrip()
-            if stripped.startswith(("{", PYTHON_TAG)) and not "".join(self._texts).strip():
+            if self._plain:
+                events.append(delta)
+            elif stripped.startswith(("{", PYTHON_TAG)):
                 self._body, self._held = held, ""  # the answer is a call (or JSON text): wait
-            elif PYTHON_TAG.startswith(stripped) and not "".join(self._texts).strip():
+            elif PYTHON_TAG.startswith(stripped):
                 self._held = held
             else:
-                self._held = ""
+                self._held, self._plain = "", True
                 events.append(held)
             return
         at = self._text(delta, events, MISTRAL_MARKER)
@@ -356,3 +359,20 @@ def unmet_tool_choice(answer: ParsedAnswer, choice: ToolChoice) -> str | None:
             return None
         return f"tool_choice required a call of {name!r}; the answer called {called or 'no tool'}"
     return None if called else "tool_choice required a tool call; the answer made none"
+
+
+class ToolAnswer:
+    """One answer's tool calls as they are parsed, and the ``tool_choice`` they must satisfy:
+    what ``ChatRelay`` and the server each hold for an answer given tools."""
+
+    def __init__(self, choice: ToolChoice = "auto", parser: ToolParser = "hermes") -> None:
+        self.choice = choice
+        self.stream = ToolCallStream(parser)
+
+    def checked(self) -> ParsedAnswer:
+        """The parsed answer (after ``stream.finish()``); :class:`ToolChoiceUnmet` when it
+        misses a call that ``tool_choice`` requires."""
+        parsed = self.stream.parsed()
+        if (reason := unmet_tool_choice(parsed, self.choice)) is not None:
+            raise ToolChoiceUnmet(f"{reason} (answer: {parsed.content[:200]!r})")
+        return parsed

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from relay_agents.api import RelayDelta, RelayResult, arelay, astream_relay
 from relay_agents.budgets import close_budget_stores, open_budget_store
 from relay_agents.core.config import Budget, RelayConfig
+from relay_agents.core.tools import ToolAnswer, ToolChoiceUnmet
 from relay_agents.server.answers import StreamRenderer, chat_completion, text_completion
 from relay_agents.server.errors import APIError, failure, invalid_request
 from relay_agents.server.limits import FailureLimiter
@@ -251,14 +252,17 @@ class RelayServer:
             req = self.parse(await self.read_body(request), kind)
             obs.stream = bool(req.stream)
             run_args = (req.wire_messages(), self.config_for(req.answer_cap))
-            keys = _relay_keys(self.conversation(request, req), pool)
+            keys: dict[str, Any] = _relay_keys(self.conversation(request, req), pool)
+            tools = None
+            if isinstance(req, ChatCompletionRequest) and (tools := req.tool_answer(self.config.tool_parser)):
+                keys["tools"] = req.wire_tools()
             rid, created = f"{kind.id_prefix}relay-{uuid.uuid4().hex}", int(time.time())
             if req.stream:
-                response = await self._stream(request, kind, req, run_args, keys, rid, created, obs)
+                response = await self._stream(request, kind, req, run_args, keys, rid, created, obs, tools)
                 if isinstance(response, RelayStreamResponse):
                     return response  # it records the observation when the stream ends
             else:
-                response = await self._whole(request, kind, run_args, keys, rid, created)
+                response = await self._whole(request, kind, run_args, keys, rid, created, tools)
         except APIError as err:
             response = err.response()
         except Exception as exc:
@@ -274,9 +278,10 @@ class RelayServer:
         request: Request,
         kind: _Kind,
         run_args: tuple[Any, RelayConfig],
-        keys: dict[str, str],
+        keys: dict[str, Any],
         rid: str,
         created: int,
+        tools: ToolAnswer | None,
     ) -> Response:
         paid = _TeacherPaid()
         try:
@@ -287,8 +292,14 @@ class RelayServer:
             return Response(status_code=499)
         assert isinstance(result, RelayResult)
         self.metrics.answered(result)
-        build = chat_completion if kind.chat else text_completion
-        body = build(result, rid=rid, created=created, model=self.settings.model)
+        model = self.settings.model
+        if kind.chat:
+            try:
+                body: Any = chat_completion(result, rid=rid, created=created, model=model, tools=tools)
+            except ToolChoiceUnmet as exc:
+                raise paid.failure(exc) from exc
+        else:
+            body = text_completion(result, rid=rid, created=created, model=model)
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(
@@ -297,10 +308,11 @@ class RelayServer:
         kind: _Kind,
         req: ChatCompletionRequest | CompletionRequest,
         run_args: tuple[Any, RelayConfig],
-        keys: dict[str, str],
+        keys: dict[str, Any],
         rid: str,
         created: int,
         obs: _Observation,
+        tools: ToolAnswer | None,
     ) -> Response:
         run = RelayRun(astream_relay(*run_args, **keys))
         watcher = DisconnectWatcher(request.receive, run.abandon)
@@ -323,7 +335,7 @@ class RelayServer:
             model=self.settings.model,
             include_usage=req.include_usage,
         )
-        renderer = StreamRenderer(encoder, on_result=self.metrics.answered, on_error=failure)
+        renderer = StreamRenderer(encoder, on_result=self.metrics.answered, on_error=failure, tools=tools)
 
         def on_close(gone: bool) -> None:
             if run.first_text_at is not None:

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from relay_agents.budgets import BudgetExceeded
 from relay_agents.clients import StreamError
+from relay_agents.core.tools import ToolChoiceUnmet
 from relay_agents.server.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("relay_agents.server")
@@ -142,6 +143,8 @@ def failure(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, BudgetExceeded):
         return APIError(429, f"the teacher budget is spent: {exc}", code="insufficient_quota", retry=False)
+    if isinstance(exc, ToolChoiceUnmet):  # the models answered, but not with the call required
+        return APIError(502, f"the relay's answer missed tool_choice: {exc}", code="tool_choice_unmet")
     mapped = upstream_error(exc)
     if mapped is not None:
         return mapped

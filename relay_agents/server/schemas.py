@@ -1,8 +1,10 @@
 """The OpenAI wire format the server reads and writes, with relay's additions.
 
 Requests are validated strictly (JSON types as sent, no coercion) and name the bad field;
-fields this server cannot honour (``n`` > 1, tools, logprobs, stop strings) are refused
-rather than silently ignored. Sampling fields (``temperature``, ``top_p``, ``seed``, ...)
+fields this server cannot honour (``n`` > 1, the deprecated ``functions``, logprobs, stop
+strings) are refused rather than silently ignored. ``tools`` and ``tool_choice`` are honoured:
+the tools reach the models through their chat templates and the calls are parsed out of the
+relayed answer (:mod:`relay_agents.core.tools`). Sampling fields (``temperature``, ``top_p``, ``seed``, ...)
 are accepted and ignored: the relay's endpoints carry their own sampling settings.
 Responses are the standard objects; ``usage.relay`` and ``choices[].relay`` are extra
 fields, which the ``openai`` SDK keeps in ``model_extra``.
@@ -10,11 +12,15 @@ fields, which the ``openai`` SDK keeps in ``model_extra``.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
+from langchain_core.messages import AIMessage
+from langchain_core.messages.tool import invalid_tool_call, tool_call
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
+from relay_agents.core.tools import ToolAnswer, ToolChoice, ToolParser, normalise_tool_choice
 from relay_agents.prompts import content_text
 
 # --------------------------------------------------------------------------------------------
@@ -27,16 +33,31 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    """A call an assistant message made (OpenAI's shape; ``arguments`` is JSON text)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("role", mode="before")
     @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value in ("tool", "function"):
-            raise ValueError("tool messages are not supported: the relay answers in plain text")
+    def _no_functions(cls, value: Any) -> Any:
+        if value == "function":
+            raise ValueError("function messages (the deprecated functions API) are not supported: use tools")
         return value
 
     @field_validator("content", mode="before")
@@ -44,9 +65,59 @@ class ChatMessage(_Request):
     def _text(cls, value: Any) -> str:
         return content_text(value)
 
-    def wire(self) -> dict[str, str]:
-        """The message as the relay takes it (``developer`` is the newer name of ``system``)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def wire(self) -> dict[str, Any] | AIMessage:
+        """The message as the relay takes it (``developer`` is the newer name of ``system``).
+
+        An assistant message with calls is built as LangChain's ``AIMessage`` here: arguments
+        that are not a JSON object (a malformed call this server sent, sent back) are kept as an
+        invalid call, where LangChain's conversion of the dict would raise."""
+        if self.tool_calls:
+            calls, invalid = [], []
+            for call in self.tool_calls:
+                args = _json_object(call.function.arguments)
+                if args is None:
+                    raw = call.function.arguments
+                    invalid.append(invalid_tool_call(name=call.function.name, args=raw, id=call.id))
+                else:
+                    calls.append(tool_call(name=call.function.name, args=args, id=call.id))
+            return AIMessage(content=self.content or "", tool_calls=calls, invalid_tool_calls=invalid)
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content or "",
+        }
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class FunctionSpec(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Request):
+    """A tool the answer may call (OpenAI's ``tools`` entry)."""
+
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class StreamOptions(_Request):
@@ -99,16 +170,39 @@ class _Generation(_Request):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+    def _no_functions(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
-            raise ValueError("tool calling is not supported: the relay answers in plain text")
+            raise ValueError("the deprecated functions API is not supported: use tools")
         return value
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        self.tool_choice = normalise_tool_choice(
+            self.tool_choice, [t.function.name for t in self.tools or []]
+        )
+        return self
+
+    def wire_tools(self) -> list[dict[str, Any]] | None:
+        """The tools shown to the models (none when ``tool_choice`` is ``"none"``)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def tool_answer(self, parser: ToolParser) -> ToolAnswer | None:
+        """The parse of an answer given tools (``None``: the answer is plain text)."""
+        if self.wire_tools() is None:
+            return None
+        choice: ToolChoice = self.tool_choice or "auto"
+        return ToolAnswer(choice, parser)
 
     @field_validator("response_format")
     @classmethod
@@ -130,7 +224,7 @@ class ChatCompletionRequest(_Generation):
     def answer_cap(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def wire_messages(self) -> list[dict[str, str]]:
+    def wire_messages(self) -> list[dict[str, Any] | AIMessage]:
         return [m.wire() for m in self.messages]
 
     def prompt_chars(self) -> int:
@@ -181,7 +275,7 @@ class CompletionRequest(_Generation):
 # Responses
 # --------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def openai_finish_reason(relay_reason: str | None) -> FinishReason:
@@ -226,12 +320,21 @@ class ChoiceRelay(BaseModel):
     finished_by: Source | None
     spans: list[Span]
     events: list[RelayEvent]
+    #: Calls whose text did not parse (also in ``message.tool_calls``, with their raw arguments).
+    invalid_tool_calls: list[dict[str, Any]] | None = None
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):

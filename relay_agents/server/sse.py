@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from relay_agents.core.tools import CallPiece
 from relay_agents.server.errors import APIError
 
 DONE = "data: [DONE]\n\n"
@@ -50,6 +51,19 @@ class ChunkEncoder:
         return self._choice(
             f'{{"index":0,"text":{body},"logprobs":null,"finish_reason":null,"relay":{{"source":"{source}"}}}}'
         )
+
+    def tool_call(self, piece: CallPiece, source: str) -> str:
+        """A piece of a tool call: the first names the call (``id``, ``name``), later ones add
+        ``arguments`` text."""
+        call: dict[str, Any] = {"index": piece.index}
+        function: dict[str, Any] = {"arguments": piece.args}
+        if piece.id is not None:
+            call |= {"id": piece.id, "type": "function"}
+            function = {"name": piece.name or "", **function}
+        call["function"] = function
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        choice["relay"] = {"source": source}
+        return self._choice(json.dumps(choice, separators=(",", ":"), ensure_ascii=False))
 
     def finish(self, finish_reason: str, relay: dict[str, Any]) -> str:
         """The last choice chunk: no text, the finish reason, the relay's account of the end."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from typing import Any
 
@@ -27,22 +29,47 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render ``messages`` with ChatML, as the server's chat template does; text content parts
-    are joined with a newline, as vLLM joins them."""
+    are joined with a newline, as vLLM joins them. Tools, tool calls and tool results render as
+    Qwen 2.5's template writes them (the tools in the system turn, calls in ``<tool_call>``,
+    results in ``<tool_response>``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     out = []
+    if tools:
+        first = messages[0] if isinstance(messages[0], dict) else {}
+        system = ""
+        if first.get("role") == "system":
+            system = content_text(first.get("content"), joiner="\n") + "\n\n"
+            messages = messages[1:]
+        listed = "".join(json.dumps(tool, sort_keys=True) + "\n" for tool in tools)
+        out.append(f"<|im_start|>system\n{system}# Tools\n<tools>\n{listed}</tools><|im_end|>\n")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError("each message must be an object with a role")
         content = content_text(message.get("content"), joiner="\n")
-        text = f"<|im_start|>{message['role']}\n{content}"
+        role = message["role"]
+        if role == "tool":
+            role, content = "user", f"<tool_response>\n{content}\n</tool_response>"
+        for call in message.get("tool_calls") or []:
+            content += _tool_call_text(call)
+        text = f"<|im_start|>{role}\n{content}"
         is_last = i == len(messages) - 1
         out.append(text if continue_final_message and is_last else text + "<|im_end|>\n")
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+def _tool_call_text(call: dict[str, Any]) -> str:
+    """A call of an assistant message, its JSON-text arguments written as an object."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    with contextlib.suppress(ValueError):  # arguments that are not JSON stay as written
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return f"<tool_call>\n{json.dumps({'name': function.get('name'), 'arguments': arguments})}\n</tool_call>"
 
 
 class Vocabulary:

@@ -66,7 +66,12 @@ def render_prompt(body: dict[str, Any], *, chat: bool, vocabulary: Vocabulary) -
     if add_gen and cont:
         raise BadRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
     try:
-        return render_chat(body.get("messages"), add_generation_prompt=add_gen, continue_final_message=cont)
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise BadRequest("tools must be a list")
+        return render_chat(
+            body.get("messages"), add_generation_prompt=add_gen, continue_final_message=cont, tools=tools
+        )
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
 
