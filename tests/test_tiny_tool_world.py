@@ -36,33 +36,33 @@ def test_a_problem_is_the_default_task_with_its_first_factor_as_a_product() -> N
 
 
 def test_the_conversations_the_models_are_trained_on() -> None:
-    p = tw.ToolProblem(x=4, y=13, base=tasks.Problem("Compute 52*6 + 5 - 3.", 314, _steps()))
+    p = tw.ToolProblem(x=4, y=7, base=tasks.Problem("Compute 28*6 + 1 - 5.", 164, _steps()))
     prompt, segments = tw.student_text(p)
     assert prompt + "".join(s.text for s in segments) + IM_END == (
         "<|im_start|>system\n<tools>\nmultiply(a, b)\n</tools><|im_end|>\n"
-        "<|im_start|>user\nCompute 4*13*6 + 5 - 3.\n" + tasks.INSTRUCTION + "<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 4, "b": 13}}\n'
+        "<|im_start|>user\nCompute 4*7*6 + 1 - 5.\n" + tasks.INSTRUCTION + "<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 4, "b": 7}}\n'
         "</tool_call><|im_end|>\n"
-        "<|im_start|>user\n<tool_response>\n52\n</tool_response><|im_end|>\n"
-        "<|im_start|>assistant\n4*13 = 52\n52*6 =<call>4</call> 312\n312 + 5 = 317\n317 - 3 = 314\n"
-        "\\boxed{314}<|im_end|>"
+        "<|im_start|>user\n<tool_response>\n28\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n4*7 = 28\n28*6 =<call>4</call> 168\n168 + 1 = 169\n169 - 5 = 164\n"
+        "\\boxed{164}<|im_end|>"
     )
     assert [s.role for s in segments] == ["student", "prompt", "student", "call", "teacher", "student"]
     # the teacher's template shows it the text turns only: the relay's teacher prompt after the tool
     # result is its training prompt
     prompt, segments = tw.teacher_text(p)
     assert prompt + "".join(s.text for s in segments) == (
-        "<|im_start|>user\nCompute 4*13*6 + 5 - 3.\n" + tasks.INSTRUCTION + "<|im_end|>\n"
-        "<|im_start|>assistant\n4*13 = 52\n52*6 = 312\n312 + 5 = 317\n317 - 3 = 314\n\\boxed{314}"
+        "<|im_start|>user\nCompute 4*7*6 + 1 - 5.\n" + tasks.INSTRUCTION + "<|im_end|>\n"
+        "<|im_start|>assistant\n4*7 = 28\n28*6 = 168\n168 + 1 = 169\n169 - 5 = 164\n\\boxed{164}"
     )
     assert tw.render(tw.conversation(p), template=tw.TEACHER_CHAT_TEMPLATE) == prompt
 
 
 def _steps() -> tuple[tasks.Step, ...]:
     return (
-        tasks.Step("52*6", 312, hard=True),
-        tasks.Step("312 + 5", 317, hard=False),
-        tasks.Step("317 - 3", 314, hard=False),
+        tasks.Step("28*6", 168, hard=True),
+        tasks.Step("168 + 1", 169, hard=False),
+        tasks.Step("169 - 5", 164, hard=False),
     )
 
 
@@ -107,7 +107,7 @@ def test_the_tokenizer_writes_the_tool_markup_and_json_whole(tokenizer: Any) -> 
         assert tok.encode(tag).ids == [tok.token_to_id(tag)]
     text = '{"name": "x", "arguments": {"q": "a \\"quoted\\" [list]", "n": [1, 2.5, null, true]}}'
     assert tok.decode(tok.encode(text).ids) == text
-    assert len(tok.encode(" 312").ids) == 4  # the student's <call>4</call>: a space and three digits
+    assert len(tok.encode(" 168").ids) == 4  # the student's <call>4</call>: a space and three digits
 
 
 def test_the_shipped_build_verifies_and_its_tokenizer_rebuilds_byte_for_byte(

@@ -1,40 +1,45 @@
 """The tool variant of the tiny world: a student that calls a Python tool for one step and the
 teacher for another, in the Hermes/Qwen tool-call format.
 
-The task is the default one with the hard step's first factor given as a product::
+The task is the default one with the hard step's first factor given as a product of two
+digits, and one or two easy steps::
 
-    Compute 4*13*6 + 5 - 3.
+    Compute 4*7*6 + 1 - 5.
 
 The student answers in two turns, as an agent does:
 
-1. a tool call and nothing else (the default tiny student cannot multiply)::
+1. a tool call and nothing else (the tiny student cannot multiply)::
 
        <tool_call>
-       {"name": "multiply", "arguments": {"a": 4, "b": 13}}
+       {"name": "multiply", "arguments": {"a": 4, "b": 7}}
        </tool_call>
 
-2. after the tool's result (``52``), the solution: the tool's step, then the hard step relayed
-   to the teacher with ``<call>4</call>`` (a product of the default task's table, ``52*6``),
-   then the easy steps and the boxed answer::
+2. after the tool's result (``28``), the solution: the tool's step, then the hard step relayed
+   to the teacher with ``<call>4</call>`` (``28*6``: one of the 149 products the teacher
+   learned), then the easy steps and the boxed answer::
 
-       4*13 = 52
-       52*6 =<call>4</call> 312
-       312 + 5 = 317
-       317 - 3 = 314
-       \\boxed{314}
+       4*7 = 28
+       28*6 =<call>4</call> 168
+       168 + 1 = 169
+       169 - 5 = 164
+       \\boxed{164}
 
-The chat template (:data:`TOOL_CHAT_TEMPLATE`, Jinja in ``tokenizer_config.json``) renders the
-tools and the tool messages as Qwen2.5's does, more compactly: each tool is one line with its
-name and its parameters' names (a tiny model learns one prompt, so the tool's description
-stays out of it), an assistant's tool calls as ``<tool_call>`` blocks, tool results as
-``<tool_response>`` blocks in a user turn. vLLM's chat/completions and the relay's own
-rendering give the same text.
+The student's chat template (:data:`TOOL_CHAT_TEMPLATE`, Jinja in ``tokenizer_config.json``)
+renders the tools and the tool messages as Qwen2.5's does, more compactly: each tool is one
+line with its name and its parameters' names (a tiny model learns one prompt, so the tool's
+description stays out of it), an assistant's tool calls as ``<tool_call>`` blocks, tool
+results as ``<tool_response>`` blocks in a user turn. vLLM's chat/completions (Transformers)
+and the relay's own rendering give the same text.
 
-The teacher is trained here too, on the same conversations: the default teacher reads the
-operands of the product from the question, and fails when the question changes (measured:
-2 of 80 products right). Both models share one tokenizer, trained on these conversations
-(``<tool_call>`` and the other tags are whole tokens, JSON punctuation gets its merges, digits
-stay single tokens so `` 312`` is 4 teacher tokens).
+The teacher is trained here too: the default teacher reads the product's operands at fixed
+positions from the start of the prompt and fails on any other prompt (measured with
+Transformers: 1 of 80 products right when the question names the factor as a product and the
+answer starts with the tool's step, 5 of 100 with a system turn before an unchanged question). Its template
+(:data:`TEACHER_CHAT_TEMPLATE`) shows it the text turns only, so its prompt when the student
+calls it (after the tool's result) is the question and the answer so far, as in its
+training. Both models share one tokenizer, trained on their texts (``<tool_call>`` and the
+other tags are whole tokens, JSON punctuation gets merges, digits stay single tokens so
+`` 168`` is 4 teacher tokens).
 
 The build ships in ``tool_weights/`` (teacher, student, ``manifest.json`` with the recipe,
 its hash and every file's SHA-256), made by ``python -m relay_agents.tiny.tool_world ship``.
@@ -339,9 +344,9 @@ def default_recipe() -> ToolRecipe:
 
     return ToolRecipe(
         teacher=dataclasses.replace(
-            DEFAULT_RECIPE.teacher, steps=300, batch_size=32, warmup=30, n_train=8000
+            DEFAULT_RECIPE.teacher, steps=600, batch_size=32, warmup=30, n_train=8000
         ),
-        student=dataclasses.replace(DEFAULT_RECIPE.student, steps=600, n_train=8000, history_fraction=0.0),
+        student=dataclasses.replace(DEFAULT_RECIPE.student, steps=1200, n_train=16000, history_fraction=0.0),
     )
 
 
