@@ -3,6 +3,7 @@ renderer, from Transformers as vLLM renders, and in training), its tokenizer and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,19 @@ def test_the_shipped_build_verifies_and_its_tokenizer_rebuilds_byte_for_byte(
             assert (tmp_path / name / file).read_bytes() == (tw.SHIPPED_DIR / name / file).read_bytes(), file
     total = sum(f.stat().st_size for f in tw.SHIPPED_DIR.rglob("*") if f.is_file())
     assert total < 5 * 2**20
+
+
+def test_a_build_trains_both_models_side_by_side_and_seals_them(tmp_path: Path) -> None:
+    """``ship``'s path with a two-step recipe: both processes train, the manifest verifies."""
+    recipe = tw.default_recipe()
+    short = dataclasses.replace(
+        recipe,
+        teacher=dataclasses.replace(recipe.teacher, steps=2, n_train=8, warmup=1),
+        student=dataclasses.replace(recipe.student, steps=2, n_train=8, warmup=1),
+        tokenizer_problems=50,
+    )
+    dest = tw.build(tmp_path / "weights", short)
+    assert tw.verify(dest, short) and not tw.verify(dest, recipe)
+    stats = json.loads((dest / "manifest.json").read_text())["stats"]
+    assert set(stats) == {"teacher", "student", "build_seconds"}
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]
