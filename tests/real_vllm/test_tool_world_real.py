@@ -96,12 +96,14 @@ def test_vllm_chat_completions_renders_the_template_with_tools(tool_servers: Any
 
 #: The integration suite's tool-calling tests that apply to the tiny tool student: it knows one
 #: tool and one kind of question, so the tests that need it to call another tool (magic_function,
-#: get_weather, a runnable, a tool without arguments, a forced tool choice) or to write JSON for a
-#: schema do not apply; these send tool-call histories and need a reply.
+#: get_weather, a runnable, a tool without arguments, a forced tool choice, unicode arguments) or
+#: to write JSON for a schema (structured output) do not apply (run here on 2026-11-30, those 17
+#: failed, as they must); these send tool-call histories and need a reply.
 APPLY = (
     "test_tool_message_histories_string_content",
     "test_tool_message_histories_list_content",
     "test_tool_message_error_status",
+    "test_structured_few_shot_examples",
 )
 
 
