@@ -265,7 +265,7 @@ class ChatRelay(BaseChatModel):
             tools=_active_tools(kwargs),
         )
 
-    def _tool_stream(self, kwargs: dict[str, Any]) -> ToolAnswer | None:
+    def _tool_answer(self, kwargs: dict[str, Any]) -> ToolAnswer | None:
         if _active_tools(kwargs) is None:
             return None
         return ToolAnswer(kwargs.get("tool_choice") or "auto", self._config().tool_parser)
@@ -284,7 +284,7 @@ class ChatRelay(BaseChatModel):
             metadata.update(stop_sequence=hit, finish_reason="stop")
             finish_reason = "stop"
         calls: dict[str, Any] = {}
-        if (tools := self._tool_stream(kwargs)) is not None:
+        if (tools := self._tool_answer(kwargs)) is not None:
             tools.stream.feed(text)
             tools.stream.finish()
             parsed = tools.checked()
@@ -349,7 +349,7 @@ class ChatRelay(BaseChatModel):
 
         deltas = ThreadedDeltas(run)
         chunks = _Chunker(
-            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_stream(kwargs)
+            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_answer(kwargs)
         )
         for delta in deltas:
             for chunk in chunks.take(delta):
@@ -376,7 +376,7 @@ class ChatRelay(BaseChatModel):
         )
         run = _isolated(lambda: asyncio.ensure_future(graph.ainvoke({"messages": messages}, context=context)))
         chunks = _Chunker(
-            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_stream(kwargs)
+            _stops(stop, self.stop), self._extra_metadata(kwargs, run_manager), self._tool_answer(kwargs)
         )
         async with contextlib.aclosing(drain_deltas(run, deltas)) as stream:  # leaving cancels the run
             async for delta in stream:

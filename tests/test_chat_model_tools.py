@@ -11,10 +11,11 @@ import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel
 
-from relay_agents import Budget, ChatRelay, ToolChoiceUnmet
+from relay_agents import Budget, ChatRelay, ToolChoiceUnmet, arelay
 from relay_agents.testing import ScriptedServer
 from tests.conftest import TOOLS_CHATML, relay_config
 
@@ -238,3 +239,14 @@ def test_create_agent_with_a_checkpointer_budget_per_thread(scripted: ScriptedSe
     assert isinstance(call, AIMessage) and call.invalid_tool_calls and not call.tool_calls
     assert json.dumps(call.invalid_tool_calls[0]["args"]).count("<call>") == 0
     assert call.response_metadata["relay"]["usage"]["teacher_calls"] == 0
+
+
+async def test_arelay_shows_the_tools_and_leaves_the_calls_in_the_text(scripted: ScriptedServer) -> None:
+    scripted.script(
+        "student", "Q-api", ['<tool_call>{"name": "multiply", "arguments": {"a": 2, "b": 3}}</tool_call>']
+    )
+    config = relay_config(scripted, student={"chat_template": TOOLS_CHATML})
+    tools = [convert_to_openai_tool(multiply)]
+    result = await arelay("Q-api", config, tools=tools)
+    assert result.text == '<tool_call>{"name": "multiply", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    assert '"name": "multiply"' in scripted.requests()[-1]["prompt"]

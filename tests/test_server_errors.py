@@ -54,7 +54,7 @@ SDK_CASES: list[tuple[str, dict[str, Any], int, str | None, str]] = [
         "limit",
     ),
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400, None, "stream"),
-    ("tool_choice without tools", {"tool_choice": "required"}, 400, None, "tool_choice needs tools"),
+    ("tool_choice without tools", {"tool_choice": "required"}, 400, "tool_choice", "tool_choice needs tools"),
     (
         "tool_choice names no tool",
         {
@@ -62,7 +62,7 @@ SDK_CASES: list[tuple[str, dict[str, Any], int, str | None, str]] = [
             "tool_choice": {"type": "function", "function": {"name": "g"}},
         },
         400,
-        None,
+        "tool_choice",
         "not among the tools",
     ),
     ("functions", {"functions": [{"name": "f"}]}, 400, "functions", "use tools"),

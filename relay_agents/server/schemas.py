@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from langchain_core.messages import AIMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from relay_agents.core.result import RelayEvent, RelayUsage, Source, Span
 from relay_agents.core.tools import ToolAnswer, ToolChoice, ToolParser, normalise_tool_choice
@@ -93,7 +93,7 @@ class ChatMessage(_Request):
             "role": "system" if self.role == "developer" else self.role,
             "content": self.content or "",
         }
-        if self.tool_call_id is not None:
+        if self.role == "tool":
             message["tool_call_id"] = self.tool_call_id
         return message
 
@@ -182,14 +182,13 @@ class ChatCompletionRequest(_Generation):
             raise ValueError("the deprecated functions API is not supported: use tools")
         return value
 
-    @model_validator(mode="after")
-    def _tool_choice(self) -> ChatCompletionRequest:
-        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value: str | dict[str, Any] | None, info: ValidationInfo) -> ToolChoice:
+        tools = info.data.get("tools") or []
+        if value not in (None, "none", "auto") and not tools:
             raise ValueError("tool_choice needs tools")
-        self.tool_choice = normalise_tool_choice(
-            self.tool_choice, [t.function.name for t in self.tools or []]
-        )
-        return self
+        return normalise_tool_choice(value, [tool.function.name for tool in tools])
 
     def wire_tools(self) -> list[dict[str, Any]] | None:
         """The tools shown to the models (none when ``tool_choice`` is ``"none"``)."""
