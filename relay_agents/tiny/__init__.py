@@ -11,6 +11,9 @@
   engine (``benchmarks/tiny_world.py``).
 * :mod:`relay_agents.tiny.servers` — the pair (and the solo student) served by vLLM
   (``tiny_pair_servers()``).
+* :mod:`relay_agents.tiny.tool_world` — the tool variant: a student that calls a ``multiply``
+  tool (Hermes format) for one step and the teacher for another, its teacher, shipped
+  (``tool_world_servers()``).
 """
 
 from __future__ import annotations

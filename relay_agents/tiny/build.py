@@ -215,13 +215,14 @@ def read_stats(pair: TinyPair) -> dict[str, Any]:
 
 
 def _encode_segments(tok, prompt: str, segments: list[tasks.Segment], *, student: bool):
-    """Token ids and labels; the prompt (and, for the student, teacher segments) is masked."""
+    """Token ids and labels; the prompt and ``prompt`` segments (text between turns, such as a
+    tool's result) and, for the student, teacher segments are masked."""
     ids = list(tok.encode(prompt).ids)
     labels = [-100] * len(ids)
     for seg in segments:
         seg_ids = tok.encode(seg.text).ids
         ids += seg_ids
-        masked = student and seg.role == "teacher"
+        masked = seg.role == "prompt" or (student and seg.role == "teacher")
         labels += [-100] * len(seg_ids) if masked else list(seg_ids)
     eos = tok.token_to_id(IM_END)
     ids.append(eos)
@@ -294,14 +295,17 @@ def train_model(
     out_dir: Path,
     on_step: Callable[[], None] | None = None,
     *,
+    save_tokenizer_files: Callable[[Any, Path], None] | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Train one model on ``examples`` and save it (with the tokenizer) to ``out_dir``;
-    ``on_step`` is called after every training step (a progress bar). ``threads``: torch's
-    (one is several times faster than two for a model this small on a loaded 2-core machine)."""
+    ``on_step`` is called after every training step (a progress bar). ``save_tokenizer_files``
+    writes a variant's tokenizer files (its chat template); default: the tiny world's.
+    ``threads``: torch's threads (the result depends on it; one is faster on a loaded machine,
+    where two threads wait on each other at every operation)."""
     import torch
 
-    previous_threads = torch.get_num_threads()
+    threads_before = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -309,15 +313,21 @@ def train_model(
     # several times longer; flushing them to zero keeps the step time flat.
     torch.set_flush_denormal(True)
     try:
-        return _train_model(mr, tok, recipe, examples, out_dir, on_step)
+        return _train_model(mr, tok, recipe, examples, out_dir, on_step, save_tokenizer_files)
     finally:
         torch.set_flush_denormal(False)
-        torch.set_num_threads(previous_threads)
+        torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic)
 
 
 def _train_model(
-    mr: ModelRecipe, tok, recipe: Recipe, examples, out_dir: Path, on_step: Callable[[], None] | None
+    mr: ModelRecipe,
+    tok,
+    recipe: Recipe,
+    examples,
+    out_dir: Path,
+    on_step: Callable[[], None] | None,
+    save_tokenizer_files: Callable[[Any, Path], None] | None,
 ) -> dict[str, Any]:
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
@@ -394,7 +404,10 @@ def _train_model(
         bos_token_id=config.bos_token_id,
         do_sample=False,
     ).save_pretrained(out_dir)
-    save_tokenizer(tok, out_dir, model_max_length=recipe.max_position_embeddings)
+    if save_tokenizer_files is not None:
+        save_tokenizer_files(tok, out_dir)
+    else:
+        save_tokenizer(tok, out_dir, model_max_length=recipe.max_position_embeddings)
     tail = losses[-20:]
     return {
         "params": params,

@@ -96,19 +96,19 @@ def tiny_pair_servers(
     teacher_cores: str = "1",
     max_model_len: int = 512,
     extra_args: Sequence[str] = (),
+    pair: TinyPair | None = None,
+    names: tuple[str, str] = ("tiny-student", "tiny-teacher"),
 ) -> TinyPairServers:
-    """Build/load the tiny pair and return (unstarted) servers: ``tiny-student``, ``tiny-teacher``."""
+    """Build/load the tiny pair (or take ``pair``, a variant's) and return (unstarted) servers
+    named ``names``: default ``tiny-student``, ``tiny-teacher``."""
     from relay_agents.tiny.build import build_tiny_pair
 
-    pair = build_tiny_pair(cache_dir)
+    if pair is None:
+        pair = build_tiny_pair(cache_dir)
     logs = Path(log_dir) if log_dir is not None else default_log_dir()
     common = {"max_model_len": max_model_len, "extra_args": extra_args, "log_dir": logs}
-    student = VLLMServer(
-        pair.student_dir, served_model_name="tiny-student", cpu_cores=student_cores, **common
-    )
-    teacher = VLLMServer(
-        pair.teacher_dir, served_model_name="tiny-teacher", cpu_cores=teacher_cores, **common
-    )
+    student = VLLMServer(pair.student_dir, served_model_name=names[0], cpu_cores=student_cores, **common)
+    teacher = VLLMServer(pair.teacher_dir, served_model_name=names[1], cpu_cores=teacher_cores, **common)
     return TinyPairServers(student, teacher, pair)
 
 

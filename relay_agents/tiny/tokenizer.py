@@ -15,7 +15,7 @@ Needs only the ``tokenizers`` package.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 TOKENIZER_VERSION = 1
@@ -49,8 +49,11 @@ def render_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool =
     return out
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = VOCAB_SIZE):
-    """Train the byte-level BPE tokenizer on ``corpus`` (deterministic for a given corpus)."""
+def train_tokenizer(
+    corpus: Iterable[str], vocab_size: int = VOCAB_SIZE, *, ordinary_tokens: Sequence[str] = CALL_TOKENS
+):
+    """Train the byte-level BPE tokenizer on ``corpus`` (deterministic for a given corpus);
+    ``ordinary_tokens`` are added whole but not special (a variant's markup, such as tool calls)."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -79,17 +82,25 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = VOCAB_SIZE):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in CALL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ordinary_tokens])
     return tok
 
 
-def save_tokenizer(tok, directory: str | Path, *, model_max_length: int = 512) -> None:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+def save_tokenizer(
+    tok,
+    directory: str | Path,
+    *,
+    model_max_length: int = 512,
+    chat_template: str = CHAT_TEMPLATE,
+    ordinary_tokens: Sequence[str] = CALL_TOKENS,
+) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+    (a variant passes its own chat template and the ordinary tokens it trained with)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok.save(str(d / "tokenizer.json"))
     added = {}
-    for t in (*SPECIAL_TOKENS, *CALL_TOKENS):
+    for t in (*SPECIAL_TOKENS, *ordinary_tokens):
         added[str(tok.token_to_id(t))] = {
             "content": t,
             "lstrip": False,
@@ -105,7 +116,7 @@ def save_tokenizer(tok, directory: str | Path, *, model_max_length: int = 512) -
         "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
         "unk_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "model_max_length": model_max_length,
