@@ -69,6 +69,19 @@ def test_a_call_written_across_the_relay(scripted: ScriptedServer) -> None:
     assert "<call>" not in teacher[0]["prompt"].split("<|im_start|>assistant\n")[-1]
 
 
+async def test_abatch_shows_the_tools_and_parses_each_answers_call(scripted: ScriptedServer) -> None:
+    """The batch path (``ChatRelay.abatch``) relays with the bound tools as ``ainvoke`` does."""
+    for key in ("Q-tool-a", "Q-tool-b"):
+        script_call(scripted, key)
+    replies = await tools_chat(scripted).bind_tools([multiply]).abatch(["Q-tool-a", "Q-tool-b"])
+    for reply in replies:
+        assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("multiply", {"a": 1234, "b": 12})]
+        assert reply.response_metadata["finish_reason"] == "tool_calls"
+    prompts = [r["prompt"] for r in scripted.requests() if r["model"] == "student"]
+    shown = [p for prompt in prompts for p in (prompt if isinstance(prompt, list) else [prompt])]
+    assert len(shown) == 4 and all('"name": "multiply"' in p for p in shown)
+
+
 def test_a_malformed_call_is_an_invalid_tool_call(scripted: ScriptedServer) -> None:
     scripted.script(
         "student",
