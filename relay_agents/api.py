@@ -127,7 +127,7 @@ async def arelay(
 
     Without a checkpointer, outside a LangChain run and without tracing, the graph's nodes run
     directly, without LangGraph, whose bookkeeping per step was half the client's CPU per
-    answer (4.4 -> 2.1 ms at 256 concurrent on the tiny pair, docs/benchmarks.md); the answer
+    answer (3.9 -> 1.8 ms at 256 concurrent on the tiny pair, docs/benchmarks.md); the answer
     is the same.
     """
     sink = None if on_delta is None else _delta_sink(on_delta)
