@@ -76,33 +76,15 @@ def _stream(base: int, seed: int) -> Iterator[tasks.Problem]:
         yield tasks.make_problem(rng, factors=draw_factors)
 
 
-def _distinct(stream: Iterator[tasks.Problem], n: int, exclude: frozenset[str]) -> list[tasks.Problem]:
-    out: list[tasks.Problem] = []
-    seen = set(exclude)
-    for p in stream:
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise AssertionError("unreachable")
-
-
 def eval_problems(n: int = 200, seed: int = 0) -> list[tasks.Problem]:
     """``n`` distinct held-out problems of the variant."""
-    return _distinct(_stream(_EVAL_SEED_BASE, seed), n, frozenset())
+    return tasks.distinct_problems(_stream(_EVAL_SEED_BASE, seed), n)
 
 
 def train_problems(n: int, seed: int = 0) -> list[tasks.Problem]:
     """``n`` training problems (repeats allowed), none among the first evaluation problems."""
     reserved = frozenset(p.question for p in eval_problems(EVAL_RESERVE))
-    out: list[tasks.Problem] = []
-    for p in _stream(_TRAIN_SEED_BASE, seed):
-        if p.question not in reserved:
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise AssertionError("unreachable")
+    return tasks.problems_outside(_stream(_TRAIN_SEED_BASE, seed), n, reserved)
 
 
 @dataclasses.dataclass(frozen=True)

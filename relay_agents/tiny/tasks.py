@@ -43,6 +43,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 TASK_VERSION = 1
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -145,17 +146,40 @@ def _stream(base: int, seed: int) -> Iterator[Problem]:
         yield make_problem(rng)
 
 
-def eval_problems(n: int = 200, seed: int = DEFAULT_EVAL_SEED) -> list[Problem]:
-    """A held-out evaluation set: ``n`` distinct problems from the evaluation stream."""
-    out: list[Problem] = []
+class _Asked(Protocol):
+    question: str
+
+
+AskedT = TypeVar("AskedT", bound=_Asked)
+
+
+def distinct_problems(stream: Iterator[AskedT], n: int) -> list[AskedT]:
+    """The first ``n`` problems of ``stream`` with distinct questions (a held-out set)."""
+    out: list[AskedT] = []
     seen: set[str] = set()
-    for p in _stream(EVAL_SEED_BASE, seed):
+    for p in stream:
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
             if len(out) == n:
                 return out
     raise AssertionError("unreachable")
+
+
+def problems_outside(stream: Iterator[AskedT], n: int, reserved: frozenset[str]) -> list[AskedT]:
+    """The first ``n`` problems of ``stream`` (repeats allowed) whose question is not reserved."""
+    out: list[AskedT] = []
+    for p in stream:
+        if p.question not in reserved:
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise AssertionError("unreachable")
+
+
+def eval_problems(n: int = 200, seed: int = DEFAULT_EVAL_SEED) -> list[Problem]:
+    """A held-out evaluation set: ``n`` distinct problems from the evaluation stream."""
+    return distinct_problems(_stream(EVAL_SEED_BASE, seed), n)
 
 
 #: training never uses a question from the first this-many problems of eval seeds 0..2
@@ -171,14 +195,7 @@ def reserved_eval_questions() -> frozenset[str]:
 
 def train_problems(n: int, seed: int = 0) -> list[Problem]:
     """``n`` training problems, disjoint from :func:`eval_problems` (seeds 0..2, first 2000)."""
-    reserved = reserved_eval_questions()
-    out: list[Problem] = []
-    for p in _stream(TRAIN_SEED_BASE, seed):
-        if p.question not in reserved:
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise AssertionError("unreachable")
+    return problems_outside(_stream(TRAIN_SEED_BASE, seed), n, reserved_eval_questions())
 
 
 def default_call_tokens(result_text: str) -> int:

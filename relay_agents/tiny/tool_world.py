@@ -220,27 +220,13 @@ def _stream(base: int, seed: int) -> Iterator[ToolProblem]:
 
 def eval_problems(n: int = 200, seed: int = 0) -> list[ToolProblem]:
     """``n`` distinct held-out problems."""
-    out: list[ToolProblem] = []
-    seen: set[str] = set()
-    for p in _stream(_EVAL_SEED_BASE, seed):
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise AssertionError("unreachable")
+    return tasks.distinct_problems(_stream(_EVAL_SEED_BASE, seed), n)
 
 
 def train_problems(n: int, seed: int = 0) -> list[ToolProblem]:
     """``n`` training problems, none among the first :data:`EVAL_RESERVE` evaluation problems."""
     reserved = frozenset(p.question for p in eval_problems(EVAL_RESERVE))
-    out: list[ToolProblem] = []
-    for p in _stream(_TRAIN_SEED_BASE, seed):
-        if p.question not in reserved:
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise AssertionError("unreachable")
+    return tasks.problems_outside(_stream(_TRAIN_SEED_BASE, seed), n, reserved)
 
 
 def tool_arguments(problem: ToolProblem) -> dict[str, int]:
