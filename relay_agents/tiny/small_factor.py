@@ -32,6 +32,7 @@ from typing import Any
 from relay_agents.cache import MANIFEST, verify_manifest, write_manifest
 
 from . import tasks
+from .build import MODEL_FILES
 from .tokenizer import load_tokenizer, render_chat
 
 #: the factor whose products the student learns
@@ -40,14 +41,6 @@ SMALL_FACTOR = 3
 SMALL_SHARE = 0.5
 VARIANT_VERSION = 1
 SHIPPED_DIR = Path(__file__).with_name("small_factor_weights")
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 _TRAIN_SEED_BASE = 3_000_017
 _EVAL_SEED_BASE = 5_000_011
 #: training never uses a question from the first this-many evaluation problems

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from relay_agents.cache import MANIFEST, verify_manifest, write_manifest
 
 from . import tasks
+from .build import MODEL_FILES
 from .tokenizer import CALL_TOKENS, IM_END, TOKENIZER_VERSION
 
 if TYPE_CHECKING:
@@ -74,14 +75,6 @@ if TYPE_CHECKING:
 VARIANT_VERSION = 1
 SHIPPED_DIR = Path(__file__).with_name("tool_weights")
 MODEL_NAMES = ("teacher", "student")
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 #: the Hermes/Qwen markup, whole ordinary tokens (as in Qwen's vocabulary)
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>")
 ORDINARY_TOKENS = (*CALL_TOKENS, *TOOL_TOKENS)
