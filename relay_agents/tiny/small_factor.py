@@ -96,7 +96,7 @@ class StudentRecipe:
     num_attention_heads: int = 3
     num_key_value_heads: int = 1
     head_dim: int = 32
-    steps: int = 800
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30

@@ -16,7 +16,7 @@ def test_grpo_cuts_the_calls_the_student_does_not_need(tiny_servers, tmp_path: P
     sft, grpo = results["rows"]
     assert sft["calls_alone"] >= 0.9 and sft["calls_rest"] >= 0.9, sft
     assert grpo["calls_alone"] <= sft["calls_alone"] / 2, (sft, grpo)
-    # the full run lost 7 points (docs/training.md): the direction is held, not the paper's 2 points
-    assert grpo["accuracy"] >= sft["accuracy"] - 0.10, (sft, grpo)
+    # accuracy holds (the full run: 96.5% -> 97.0%, docs/training.md); one problem of slack
+    assert grpo["accuracy"] >= sft["accuracy"] - 0.03, (sft, grpo)
     assert grpo["calls_rest"] >= 0.9, grpo  # it still calls where it cannot go alone
     assert (tmp_path / "grpo-group" / "model.safetensors").is_file()
