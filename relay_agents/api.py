@@ -15,7 +15,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import BaseModel
 
-from relay_agents.batch import DEFAULT_WINDOW_S, BatchRelay, in_langchain_run, run_answer
+from relay_agents.batch import DEFAULT_WINDOW_S, BatchRelay, in_langchain_run, shared_batch_relay
 from relay_agents.budgets import BudgetStore
 from relay_agents.core.config import RelayConfig
 from relay_agents.core.result import BudgetState, RelayEvent, RelayRecord, RelayUsage, Source, Span
@@ -25,7 +25,6 @@ from relay_agents.graph import (
     build_relay_graph,
     drain_deltas,
     shared_relay_graph,
-    shared_relay_nodes,
 )
 from relay_agents.prompts import Message
 
@@ -135,7 +134,7 @@ async def arelay(
         stream_tokens=False, conversation_id=conversation_id, user=user, on_delta=sink, tools=tools
     )
     if checkpointer is None and not in_langchain_run():
-        reply = await run_answer(shared_relay_nodes(config), _inputs(question)["messages"], context)
+        reply = await shared_batch_relay(config).answer(_inputs(question)["messages"], context)
         return RelayResult.from_message(reply)
     graph = _graph(config, checkpointer)
     state = await graph.ainvoke(_inputs(question), _run_config(thread_id, checkpointer), context=context)

@@ -628,24 +628,13 @@ class _Step(Runnable[Any, Any]):
 
 
 @lru_cache(maxsize=64)
-def _shared_nodes(key: ByDigest[RelayConfig]) -> RelayNodes:
-    return RelayNodes(key.config)
-
-
-@lru_cache(maxsize=64)
 def _shared_graph(key: ByDigest[RelayConfig]) -> CompiledStateGraph:
-    return _compiled(_shared_nodes(key), key.config, None, "relay")
+    return _compiled(RelayNodes(key.config), key.config, None, "relay")
 
 
 def shared_relay_graph(config: RelayConfig) -> CompiledStateGraph:
     """The one checkpointer-less graph per distinct config, shared by ``relay()`` and ``ChatRelay``."""
     return _shared_graph(ByDigest(config))
-
-
-def shared_relay_nodes(config: RelayConfig) -> RelayNodes:
-    """The nodes of :func:`shared_relay_graph`'s graph (the same budget store), for runs
-    without LangGraph."""
-    return _shared_nodes(ByDigest(config))
 
 
 def recursion_limit(config: RelayConfig) -> int:

@@ -66,7 +66,7 @@ async def test_the_same_answers_as_arelay_with_batched_requests(scripted: Script
     student = generation_requests(scripted, "student")
     first_turns = student[0]
     assert isinstance(first_turns["prompt"], list) and len(first_turns["prompt"]) == N
-    assert first_turns["body"]["stream_options"]["continuous_usage_stats"] is True
+    assert first_turns["body"]["return_token_ids"] is True and "stream" not in first_turns["body"]
     student_turns = sum(r.usage.teacher_calls for r in alone) + N
     assert len(student) < student_turns  # batched: fewer requests than turns
     teacher = generation_requests(scripted, "teacher")
@@ -97,13 +97,31 @@ async def test_a_chat_api_sends_each_request_alone(scripted: ScriptedServer) -> 
 async def test_a_failed_answer_raises_or_takes_its_place(scripted: ScriptedServer) -> None:
     config = relay_config(scripted, student={"max_retries": 0}, max_answer_tokens=60)
     script_answers(scripted)
-    scripted.faults("student", ["500"])
+    scripted.faults("student", ["500"] * 4)  # the list request, then each prompt alone
     questions = [f"{key(i)} what is {i}?" for i in range(3)]
     with pytest.raises(Exception, match="student endpoint"):
         await abatch_relay(questions, config)
-    scripted.faults("student", ["500"])
+    scripted.faults("student", ["500"] * 4)
     results = await abatch_relay(questions, config, return_exceptions=True)
     assert all(isinstance(r, Exception) for r in results)
+
+
+async def test_one_prompt_that_fails_fails_its_answer_alone(scripted: ScriptedServer) -> None:
+    """A list request that fails is sent again prompt by prompt: a failed list request costs
+    the others nothing, and a prompt that always fails fails only its own answer."""
+    config = relay_config(scripted, student={"max_retries": 0}, max_answer_tokens=60)
+    script_answers(scripted)
+    scripted.script("student", key(1), [{"fault": "500"}], repeat=True)
+    questions = [f"{key(i)} what is {i}?" for i in range(4)]
+    results = await abatch_relay(questions, config, return_exceptions=True)
+    assert isinstance(results[1], Exception) and "student endpoint" in str(results[1])
+    student = generation_requests(scripted, "student")
+    scripted.reset()
+    script_answers(scripted)
+    alone = [await arelay(questions[i], config) for i in (0, 2, 3)]
+    assert [comparable(results[i]) for i in (0, 2, 3)] == [comparable(r) for r in alone]
+    assert isinstance(student[0]["prompt"], list) and len(student[0]["prompt"]) == 4
+    assert [len(r["prompt"]) if isinstance(r["prompt"], list) else 1 for r in student[1:5]] == [1, 1, 1, 1]
 
 
 def test_batch_relay_blocks(scripted: ScriptedServer) -> None:
@@ -158,4 +176,45 @@ async def test_a_cancelled_batch_closes_its_requests(scripted: ScriptedServer) -
         if generation_requests(scripted, "student")[0]["disconnected"]:
             break
         await asyncio.sleep(0.05)
+    assert generation_requests(scripted, "student")[0]["disconnected"]
+
+
+async def test_concurrent_arelay_calls_share_requests(scripted: ScriptedServer) -> None:
+    """``arelay`` calls running at once in one event loop batch their requests; one running
+    alone sends its own request at once, as before."""
+    config = relay_config(scripted, max_answer_tokens=60)
+    questions = [f"{key(i)} what is {i}?" for i in range(8)]
+    script_answers(scripted)
+    alone = [await arelay(q, config) for q in questions]
+    assert all(isinstance(r["prompt"], str) for r in generation_requests(scripted, "student"))
+    scripted.reset()
+    script_answers(scripted)
+    together = await asyncio.gather(*(arelay(q, config) for q in questions))
+    assert [comparable(r) for r in together] == [comparable(r) for r in alone]
+    first = generation_requests(scripted, "student")[0]
+    assert isinstance(first["prompt"], list) and len(first["prompt"]) == 8
+
+
+@pytest.mark.parametrize("answers", [1, 3])
+async def test_cancelled_answers_close_the_request_they_were_alone_in(
+    scripted: ScriptedServer, answers: int
+) -> None:
+    config = relay_config(scripted, max_answer_tokens=60)
+    scripted.faults("student", ["hang"])
+    tasks = [asyncio.ensure_future(arelay(f"{key(i)} what is {i}?", config)) for i in range(answers)]
+    for _ in range(100):
+        if generation_requests(scripted, "student"):
+            break
+        await asyncio.sleep(0.02)
+    (request,) = generation_requests(scripted, "student")
+    assert len(request["prompt"]) == answers if answers > 1 else isinstance(request["prompt"], str)
+    for task in tasks[:-1]:
+        task.cancel()
+    await asyncio.sleep(0.2)
+    assert not generation_requests(scripted, "student")[0]["disconnected"]  # one answer still waits
+    tasks[-1].cancel()
+    for _ in range(100):
+        if generation_requests(scripted, "student")[0]["disconnected"]:
+            break
+        await asyncio.sleep(0.02)
     assert generation_requests(scripted, "student")[0]["disconnected"]

@@ -31,7 +31,7 @@ from .faults import (
 from .generation import Generation, generate, without_calls
 from .script import Replies, Script, check_item
 from .sse import batch_stream_events, stream_events
-from .tokens import Vocabulary, tokenize
+from .tokens import EOS_TOKEN, Vocabulary, tokenize
 from .wire import (
     BadRequest,
     GenerationRequest,
@@ -158,6 +158,8 @@ async def answer(
     if state.config["latency_s"] > 0:
         await asyncio.sleep(state.config["latency_s"])
     body = completion_body(req, gen, probs)
+    if req.return_token_ids:
+        with_token_ids(state.vocabulary, body["choices"][0], prompt, gen)
     if req.n > 1:
         body = sampled_body([body, *(_next_body(state, req, prompt) for _ in range(req.n - 1))])
     return whole_body(tamper(fault)(body), fault, record)
@@ -208,7 +210,7 @@ async def batch_generation(
         ]
     except BadRequest as exc:
         return error_response(str(exc), param=exc.param)
-    replies = [state.replies.take(model, text, state.config["default_response"]) for text in texts]
+    replies = state.replies.take_batch(model, texts, state.config["default_response"])
     fault = next((parse_fault(r.fault) for r in replies if r.fault is not None), None)
     if fault is not None:
         response = await fault_response(fault, request, stream=reqs[0].stream, record=record)
@@ -234,11 +236,22 @@ async def batch_generation(
         await asyncio.sleep(state.config["latency_s"])
     bodies = [completion_body(req, gen, p) for req, gen, p in zip(reqs, gens, probs, strict=True)]
     choices = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+    if reqs[0].return_token_ids:
+        for choice, text, gen in zip(choices, texts, gens, strict=True):
+            with_token_ids(state.vocabulary, choice, text, gen)
     usage = {
         key: sum(b["usage"][key] for b in bodies)
         for key in ("prompt_tokens", "completion_tokens", "total_tokens")
     }
     return JSONResponse({**bodies[0], "choices": choices, "usage": usage})
+
+
+def with_token_ids(vocabulary: Vocabulary, choice: dict[str, Any], prompt: str, gen: Generation) -> None:
+    """vLLM's ``return_token_ids``: the choice's prompt ids and its reply's, one per counted
+    token (an EOS the usage counts too)."""
+    ids = [vocabulary.token_id(piece) for piece in gen.pieces][: gen.completion_tokens]
+    choice["prompt_token_ids"] = [vocabulary.token_id(t) for t in tokenize(prompt)]
+    choice["token_ids"] = ids + [vocabulary.token_id(EOS_TOKEN)] * (gen.completion_tokens - len(ids))
 
 
 async def noting_disconnect(events: AsyncIterator[str], record: dict[str, Any]) -> AsyncIterator[str]:

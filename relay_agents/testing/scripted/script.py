@@ -62,10 +62,32 @@ class Replies:
     def queue_faults(self, model: str, faults: list[str]) -> None:
         self.faults.setdefault(model, deque()).extend(faults)
 
+    def _script(self, model: str, prompt: str) -> Script | None:
+        return next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
+
+    def take_batch(self, model: str, prompts: list[str], default_response: str) -> list[Reply]:
+        """The next answer for each prompt of one request with a list of prompts. A queued fault
+        answers the whole request, once; so does a scripted one, which then leaves the other
+        prompts' scripts where they were (the request failed as a whole: nothing was answered)."""
+        queued = self.faults.get(model)
+        if queued and parse_fault(queued[0]).name not in ALTERING:
+            fault = queued.popleft()
+            return [Reply(fault, self._peek_text(self._script(model, p), default_response)) for p in prompts]
+        scripts = [self._script(model, p) for p in prompts]
+        before = [None if s is None else s.cursor for s in scripts]
+        replies = [self.take(model, p, default_response) for p in prompts]
+        failed = next((i for i, r in enumerate(replies) if r.fault is not None), None)
+        if failed is not None and parse_fault(replies[failed].fault).name not in ALTERING:
+            for script, cursor in zip(scripts, before, strict=True):
+                if script is not None and cursor is not None:
+                    script.cursor = cursor
+            self._next(scripts[failed], default_response)  # the fault itself is spent
+        return replies
+
     def take(self, model: str, prompt: str, default_response: str) -> Reply:
         """Consume the next answer for a request (a queued fault comes first: one that replaces
         the answer leaves the script where it was, one that alters it answers it)."""
-        script = next((s for s in reversed(self.scripts) if s.model == model and s.match in prompt), None)
+        script = self._script(model, prompt)
         queued = self.faults.get(model)
         if queued:
             fault = queued.popleft()

@@ -152,6 +152,7 @@ class GenerationRequest:
     id: str
     created: int
     n: int = 1  # replies asked for (the API's ``n``): each the next scripted answer
+    return_token_ids: bool = False  # vLLM's: each choice's prompt and reply token ids
 
 
 def parse_generation(
@@ -186,6 +187,7 @@ def parse_generation(
         id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         created=int(time.time()),
         n=n,
+        return_token_ids=not chat and body.get("return_token_ids") is True,
     )
 
 
