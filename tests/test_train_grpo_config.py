@@ -84,3 +84,10 @@ def test_the_training_set_is_what_the_teacher_passes_with_every_column(
     ]
     off = settings.model_copy(update={"filter": settings.filter.model_copy(update={"enabled": False})})
     assert filtered_data(off) == settings.data.path
+
+
+def test_an_unknown_grpo_option_is_named_with_the_closest_one(tmp_path: Path) -> None:
+    config = _write(tmp_path, "http://127.0.0.1:9/v1")
+    config.write_text(config.read_text().replace("num_generations = 4", "num_generation = 4"))
+    with pytest.raises(ConfigError, match=r"grpo.*'num_generation'.*did you mean 'num_generations'"):
+        load_grpo_settings(config)

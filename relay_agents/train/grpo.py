@@ -10,12 +10,14 @@ correctness. Checkpoints are TRL's: plain Transformers model directories that vL
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from relay_agents.core.config import DEFAULT_USER_TEMPLATE, Endpoint
 from relay_agents.settings import load_settings
@@ -71,6 +73,25 @@ class GRPOSettings(BaseModel):
     reward: RewardSettings = Field(default_factory=RewardSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     grpo: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("grpo")
+    @classmethod
+    def _trl_options(cls, grpo: dict[str, Any]) -> dict[str, Any]:
+        """Name a key that is not a ``GRPOConfig`` option here, not deep inside TRL."""
+        try:
+            from trl import GRPOConfig
+        except ImportError:  # without the train extra nothing trains; build_trainer says so
+            return grpo
+        options = {f.name for f in dataclasses.fields(GRPOConfig)}
+        unknown = sorted(set(grpo) - options)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not an option "
+                f"of TRL's GRPOConfig{hint}; the table takes GRPOConfig's options as they are"
+            )
+        return grpo
 
 
 def load_grpo_settings(path: str | os.PathLike[str], **overrides: Any) -> GRPOSettings:
