@@ -25,7 +25,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 90.0) -> None:
+    # workers import the stack in parallel: seconds on a quiet machine, over 30 s at load 15
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
