@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+import pytest
+
 from relay_agents.tiny import small_factor, tasks
 from relay_agents.tiny.tokenizer import load_tokenizer
 
@@ -41,3 +47,15 @@ def test_the_shipped_student_is_the_recipe_s_build() -> None:
     assert (student / "tokenizer.json").read_bytes() == (
         small_factor.teacher_dir() / "tokenizer.json"
     ).read_bytes()
+
+
+@pytest.mark.tiny_rebuild
+@pytest.mark.skipif(
+    os.environ.get("RELAY_TINY_REBUILD") != "1",
+    reason="a full rebuild: set RELAY_TINY_REBUILD=1 (docs/tiny-world.md)",
+)
+def test_a_rebuild_reproduces_the_shipped_student_byte_for_byte(tmp_path: Path) -> None:
+    """About 2 minutes on the quiet machine: with the weekly rebuild of the default pair."""
+    rebuilt = small_factor.train_student(tmp_path / "weights").parent
+    shipped = json.loads((small_factor.SHIPPED_DIR / "manifest.json").read_text())["files"]
+    assert json.loads((rebuilt / "manifest.json").read_text())["files"] == shipped
