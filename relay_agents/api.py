@@ -242,8 +242,9 @@ async def abatch_relay(
 
     Each answer is the one :func:`arelay` gives, but the requests of all answers ready at the
     same moment go to each model together: on the completions API, one request with a list of
-    prompts per batch (a chat API takes them one by one, all at once). An answer never waits
-    for another: it goes on as soon as its own reply is in. ``conversation_ids`` and ``users``
+    prompts per batch (a chat API takes them one by one, all at once), sent once every running
+    answer waits for a reply. Batches overlap: an answer goes on as soon as its own batch is
+    back, never waiting for another batch. ``conversation_ids`` and ``users``
     (one per question, or None) key the budgets in the budget store as in :func:`arelay`; holds
     and settles go through the store call by call. An answer that fails cancels the others and
     raises its error, unless ``return_exceptions`` (the error then takes its place in the list).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,7 +136,6 @@ class BatchedClient:
         self.batcher = batcher
         self._queued: list[tuple[Request, Watch | None, asyncio.Future[Generation]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self.batches = 0  # requests sent (each with one prompt or more)
 
     def generate(
         self,
@@ -170,7 +170,6 @@ class BatchedClient:
         batch = [item for item in batch if not item[2].done()]  # a cancelled answer's request
         if not batch:
             return
-        self.batches += 1
         requests, watches, futures = (list(column) for column in zip(*batch, strict=True))
         task = asyncio.get_running_loop().create_task(self._sent(requests, watches, futures))
         self._sending.add(task)
@@ -242,7 +241,9 @@ class BatchRelay:
             self.batcher.cancel()
 
 
-_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchRelay]] = (
+#: Batch executors kept per event loop, one per config, the least recently used dropped first.
+SHARED_PER_LOOP = 64
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OrderedDict[str, BatchRelay]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -250,12 +251,17 @@ _SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, BatchRel
 def shared_batch_relay(config: RelayConfig) -> BatchRelay:
     """The batch executor that concurrent :func:`relay_agents.arelay` calls of one config share
     in the running event loop (budgets in the config's store, one per process): their
-    requests are batched together, and a call running alone goes out at once."""
-    relays = _SHARED.setdefault(asyncio.get_running_loop(), {})
+    requests are batched together, and a call running alone goes out at once. A dropped
+    executor's answers in flight finish on it; new calls get a new one."""
+    relays = _SHARED.setdefault(asyncio.get_running_loop(), OrderedDict())
     key = digest(config)
     relay = relays.get(key)
     if relay is None:
         relay = relays[key] = BatchRelay(config)
+        if len(relays) > SHARED_PER_LOOP:
+            relays.popitem(last=False)
+    else:
+        relays.move_to_end(key)
     return relay
 
 

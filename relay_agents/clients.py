@@ -1156,8 +1156,9 @@ class EndpointClient:
         its ``max_tokens``. Not streamed because a stream of many prompts cost vLLM's API server
         more CPU than it saved: 88 against 124 answers/s on the tiny pair (docs/benchmarks.md).
         A chat API cannot take a list, and a single request needs none: each goes alone, all at
-        once. A list request that fails (after its retries) is sent again prompt by prompt, so
-        that one prompt's error is its answer's alone.
+        once. A list request that fails (after its retries) with an error status or a malformed
+        reply is sent again prompt by prompt, so that one prompt's error is its answer's alone;
+        one that cannot reach the server fails every answer in it.
         """
         items = list(zip(requests, watches, done, strict=True))
         if self.endpoint.api != "completions" or len(items) == 1:
@@ -1210,7 +1211,12 @@ class EndpointClient:
             for item in group:
                 if not item.future.done():
                     item.future.set_exception(expired)
-        except (*STREAM_ERRORS, LookupError, TypeError):
+        except openai.APIConnectionError as exc:  # the server, not a prompt: alone would fail too
+            error = await self._explained(exc)
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        except (*STREAM_ERRORS, LookupError, TypeError):  # perhaps one prompt's: each alone
             await self._aalone([(i.request, i.watch, i.future) for i in group if not i.future.done()])
 
     async def _achoice(self, item: _Batched, choice: dict[str, Any]) -> None:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 from typing import Any
 
+import openai
 import pytest
 
 from relay_agents import Budget, ChatRelay, abatch_relay, arelay, batch_relay
@@ -207,7 +210,10 @@ async def test_cancelled_answers_close_the_request_they_were_alone_in(
             break
         await asyncio.sleep(0.02)
     (request,) = generation_requests(scripted, "student")
-    assert len(request["prompt"]) == answers if answers > 1 else isinstance(request["prompt"], str)
+    if answers == 1:
+        assert isinstance(request["prompt"], str)  # a request of its own
+    else:
+        assert isinstance(request["prompt"], list) and len(request["prompt"]) == answers
     for task in tasks[:-1]:
         task.cancel()
     await asyncio.sleep(0.2)
@@ -218,3 +224,48 @@ async def test_cancelled_answers_close_the_request_they_were_alone_in(
             break
         await asyncio.sleep(0.02)
     assert generation_requests(scripted, "student")[0]["disconnected"]
+
+
+class ClosingServer:
+    """A TCP server that accepts each connection, reads the request and closes it unanswered:
+    an upstream that cannot be reached for a reply; counts the requests it was sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_server_that_cannot_answer_fails_the_list_request_once(scripted: ScriptedServer) -> None:
+    """Sent again prompt by prompt, a request the server cannot answer would fail as often: the
+    list request's connection error is every answer's, with the endpoint named."""
+    closing = ClosingServer()
+    try:
+        config = relay_config(
+            scripted,
+            student={"base_url": closing.url, "max_retries": 0, "context_tokens": 512},
+            max_answer_tokens=60,
+        )
+        questions = [f"{key(i)} what is {i}?" for i in range(3)]
+        results = await abatch_relay(questions, config, return_exceptions=True)
+    finally:
+        closing.close()
+    assert all(isinstance(r, openai.APIConnectionError) for r in results), results
+    assert all(f"student endpoint {closing.url}" in str(r) for r in results)
+    generations = [line for line in closing.requests if b"/completions" in line]
+    assert generations == [b"POST /v1/completions HTTP/1.1"]
